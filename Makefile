@@ -1,0 +1,30 @@
+# Both entry points create or refresh .venv from pyproject.toml first; a stamp file makes the second
+# call install nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+STAMP  := $(VENV)/.installed
+MODEL  ?= mobilenet
+ARGS   ?=
+
+.PHONY: pipeline test smoke venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+pipeline: $(STAMP)
+	@test -f pipelines/$(MODEL).yaml || { echo "no recipe pipelines/$(MODEL).yaml; recipes: $$(ls pipelines | sed 's/\.yaml//' | tr '\n' ' ')" >&2; exit 2; }
+	$(VENV)/bin/compress pipeline pipelines/$(MODEL).yaml $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+smoke: $(STAMP)
+	$(VENV)/bin/compress pipeline pipelines/smoke.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)
+
+clean:
+	rm -rf artifacts/*/ artifacts/.cache

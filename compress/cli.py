@@ -1,0 +1,142 @@
+"""Command line: parses flags into config overrides and calls the library. Failures a user can fix
+print one line on stderr and exit with code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from compress.errors import CompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distill, prune, quantize and export image classifiers for edge CPUs.")
+
+
+@app.command()
+def pipeline(
+    recipe: Path = typer.Argument(..., help="recipe YAML, e.g. pipelines/mobilenet.yaml"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a recipe value: section.key=value (repeatable)"),
+    teacher: Optional[str] = typer.Option(None, help="teacher model (same as --set teacher.model=NAME)"),
+    student: Optional[str] = typer.Option(None, help="student model (same as --set distill.student=NAME)"),
+    dataset: Optional[str] = typer.Option(None, help="digits | cifar10 | cifar100 | imagefolder:PATH"),
+    download: bool = typer.Option(False, "--download", help="download the dataset if absent (needs the network)"),
+    name: Optional[str] = typer.Option(None, help="run name (folder under the artifacts directory)"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="where runs are written"),
+    force: bool = typer.Option(False, "--force", help="rerun every stage even if unchanged"),
+) -> None:
+    """Run a recipe's stages; unchanged stages are skipped."""
+    from compress.config import load_recipe
+    from compress.pipeline import run_pipeline
+
+    overrides = list(set_)
+    for key, value in (("teacher.model", teacher), ("distill.student", student), ("data.dataset", dataset),
+                       ("name", name)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if download:
+        overrides.append("data.download=true")
+    cfg = load_recipe(recipe, overrides)
+    ctx = run_pipeline(cfg, artifacts=artifacts, force=force)
+    typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
+    typer.echo((ctx.run_dir / "report.md").read_text())
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="a model.safetensors written by compress (with its .json)"),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write"),
+    image_size: Optional[int] = typer.Option(None, min=8, max=2048, help="input size; default: the training size"),
+    opset: int = typer.Option(18, min=17, max=23),
+) -> None:
+    """Export a compress checkpoint to ONNX (dynamic batch axis, onnx.checker, metadata)."""
+    from compress.export import export_onnx
+    from compress.models import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    size = image_size or int(meta.get("image_size", 224))
+    props = {f"compress.{k}": v for k, v in meta.items()}
+    props["compress.input_size"] = [1, 3, size, size]
+    export_onnx(model, out, size, opset=opset, metadata=props)
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="ONNX file"),
+    threads: list[int] = typer.Option([1, 0], help="intra-op threads per setting; 0 = all cores (repeatable)"),
+    runs: int = typer.Option(100, min=1, max=100_000),
+    warmup: int = typer.Option(10, min=0, max=10_000),
+    image_size: Optional[int] = typer.Option(None, min=8, max=2048, help="needed only for dynamic spatial inputs"),
+    dataset: Optional[str] = typer.Option(None, help="also measure accuracy on this dataset's test split"),
+) -> None:
+    """onnxruntime CPU latency (mean/p50/p90/p99) at batch 1, file size, and optionally accuracy."""
+    import json
+
+    from compress.bench import file_size, latency, onnx_accuracy
+
+    if not model.is_file():
+        raise CompressError(f"ONNX file not found: {model}")
+    if any(t < 0 for t in threads):
+        raise CompressError("--threads must be >= 0 (0 = all cores)")
+    result: dict = {"file": str(model), "size_bytes": file_size(model), "latency": []}
+    for t in threads:
+        result["latency"].append(latency(model, image_size, threads=t, warmup=warmup, runs=runs))
+    if dataset:
+        from compress.config import DataConfig
+        from compress.data import load_data
+
+        from pydantic import ValidationError
+
+        try:
+            size = result["latency"][0]["image_size"]
+            data = load_data(DataConfig(dataset=dataset, image_size=size))
+        except ValidationError as e:
+            raise CompressError(f"--dataset: {e.errors()[0]['msg']}") from None
+        result["accuracy"] = onnx_accuracy(model, data.test)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+def models(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'mobilenet*'")) -> None:
+    """List the registered teachers and students with their parameter counts (10 classes)."""
+    from compress.metrics import count_params
+    from compress.models import ALIASES, create_model, list_models
+
+    specs = list_models(pattern)
+    if not specs:
+        raise CompressError(f"no model matches {pattern!r}; try 'compress models'")
+    alias_of = {v: k for k, v in ALIASES.items()}
+    typer.echo(f"{'name':<24}{'role':<9}{'source':<13}{'params (10 classes)':>20}  alias")
+    for s in specs:
+        n = count_params(create_model(s.name, num_classes=10))
+        typer.echo(f"{s.name:<24}{s.role:<9}{s.source:<13}{n:>20,}  {alias_of.get(s.name, '')}")
+
+
+def main() -> None:
+    """Entry point: one line on stderr and exit 2 for every error a user can fix."""
+    import click
+
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=sys.argv[1:], prog_name="compress", standalone_mode=False)
+    except CompressError as e:
+        print(f"compress: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelp:
+        sys.exit(0)
+    except click.ClickException as e:
+        print(f"compress: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("compress: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("compress: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

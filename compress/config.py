@@ -1,0 +1,195 @@
+"""The typed recipe: one pydantic model per stage; unknown keys and out-of-range values are rejected
+with a message that names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compress.errors import ConfigError
+
+STAGE_ORDER = ("teacher", "distill", "export", "bench")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Which images, how they are split and fed."""
+
+    dataset: str = Field("digits", description="digits | cifar10 | cifar100 | imagefolder:PATH")
+    root: str = Field("data", description="where cifar10/cifar100 live or are downloaded to")
+    download: bool = Field(False, description="download cifar10/cifar100 if absent (needs the network)")
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.9)
+    split_seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=2, le=4096)
+    augment: bool = Field(True, description="random shifts of up to 1/8 of the image while training")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in ("digits", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
+            return v
+        raise ValueError("must be digits, cifar10, cifar100 or imagefolder:PATH")
+
+
+class TrainConfig(_Strict):
+    """Settings of the one training loop, shared by every stage that trains."""
+
+    epochs: int = Field(15, ge=0, le=10_000)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class TeacherConfig(TrainConfig):
+    """The teacher: loaded from ``checkpoint``, from timm's ``pretrained`` weights (then fine-tuned for
+    ``epochs``), or trained from scratch on the dataset. A trained teacher is cached across runs."""
+
+    model: str = "resnet18"
+    checkpoint: str | None = None
+    pretrained: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TeacherConfig":
+        if self.checkpoint and self.pretrained:
+            raise ValueError("checkpoint and pretrained: true exclude each other; choose one")
+        return self
+
+
+class DistillConfig(TrainConfig):
+    """The student and the distillation loss (a name from ``compress methods``)."""
+
+    student: str = "mobilenet"
+    loss: str = "kd"
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term; 0 = from scratch")
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=17, le=23)
+    max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0)
+    min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class BenchConfig(_Strict):
+    warmup: int = Field(10, ge=0, le=10_000)
+    runs: int = Field(100, ge=1, le=100_000)
+    image_sizes: list[int] | None = Field(None, description="default: the training size and 224")
+    threads: list[int] = Field([1, 0], description="intra-op threads per setting; 0 = all cores")
+
+    @field_validator("image_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(s < 8 or s > 2048 for s in v)):
+            raise ValueError("must be a non-empty list of sizes between 8 and 2048")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: list[int]) -> list[int]:
+        if not v or any(t < 0 or t > 1024 for t in v):
+            raise ValueError("must be a non-empty list of thread counts >= 0 (0 = all cores)")
+        return v
+
+
+class PipelineConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    stages: list[str] = Field(list(STAGE_ORDER))
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
+    export: ExportConfig = ExportConfig()
+    bench: BenchConfig = BenchConfig()
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_ORDER)}")
+        if v != [s for s in STAGE_ORDER if s in v]:
+            raise ValueError(f"stages must keep the order {' -> '.join(STAGE_ORDER)}")
+        for i, s in enumerate(v[1:], 1):
+            need = STAGE_ORDER[STAGE_ORDER.index(s) - 1]
+            if need not in v[:i]:
+                raise ValueError(f"stage {s!r} needs stage {need!r} before it")
+        return v
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "recipe"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``distill.alpha=0.5`` -> (["distill", "alpha"], 0.5); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for p in path[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections")
+    raw.setdefault("name", path.stem)
+    raw = apply_overrides(raw, overrides or [])
+    return validate_recipe(raw, str(path))
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

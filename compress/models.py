@@ -1,0 +1,139 @@
+"""One registry and factory for teachers and students (timm and torchvision), with aliases."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import CompressError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    source: str  # "timm" | "torchvision"
+    role: str  # "teacher" | "student"
+    family: str
+
+
+_SPECS = [
+    *(ModelSpec(n, "timm", "teacher", "resnet") for n in ("resnet18", "resnet34", "resnet50")),
+    *(ModelSpec(n, "timm", "teacher", "vgg") for n in ("vgg11_bn", "vgg16_bn")),
+    *(ModelSpec(f"mobilenetv2_{w}", "timm", "student", "mobilenetv2") for w in ("035", "050", "075", "100")),
+    *(ModelSpec(f"mobilenetv3_small_{w}", "timm", "student", "mobilenetv3") for w in ("050", "075", "100")),
+    *(ModelSpec(f"mobilenetv3_large_{w}", "timm", "student", "mobilenetv3") for w in ("075", "100")),
+    *(ModelSpec(f"shufflenet_v2_{w}", "torchvision", "student", "shufflenetv2") for w in ("x0_5", "x1_0", "x1_5", "x2_0")),
+]
+REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
+ALIASES: dict[str, str] = {"mobilenet": "mobilenetv2_100", "shufflenet": "shufflenet_v2_x1_0"}
+
+
+def resolve_name(name: str) -> str:
+    """Canonical registry name for ``name`` (an alias or a registered name), else a CompressError."""
+    canonical = ALIASES.get(name, name)
+    if canonical not in REGISTRY:
+        valid = ", ".join([*REGISTRY, *ALIASES])
+        raise CompressError(f"unknown model {name!r}; valid names: {valid}")
+    return canonical
+
+
+def list_models(pattern: str = "*", role: str | None = None) -> list[ModelSpec]:
+    return [s for s in _SPECS if fnmatch.fnmatch(s.name, pattern) and (role is None or s.role == role)]
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered model with a ``num_classes`` head. ``None`` kwargs are dropped so unset
+    options never override a model's defaults."""
+    spec = REGISTRY[resolve_name(name)]
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        if spec.source == "timm":
+            import timm
+
+            return timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        import torchvision
+
+        builder = getattr(torchvision.models, spec.name)
+        if not pretrained:
+            return builder(weights=None, num_classes=num_classes, **kwargs)
+        model = builder(weights="DEFAULT", **kwargs)
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
+    except CompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to fetch weights becomes one clear line
+        if pretrained:
+            raise CompressError(
+                f"could not fetch pretrained weights for {spec.name} ({type(e).__name__}); they need the "
+                "network: connect, or give teacher.checkpoint=PATH, or set teacher.pretrained=false to train"
+            ) from None
+        raise
+
+
+# -- checkpoints: safetensors weights + JSON metadata; nothing a user hands in is unpickled ----------
+
+
+def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically."""
+    from safetensors.torch import save_file
+
+    from compress.fsio import atomic_path, write_json
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+    write_json(path.with_suffix(".json"), meta)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from safetensors, or a torch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CompressError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it corrupt?") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CompressError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CompressError(f"checkpoint {path} does not fit {type(model).__name__}: {detail[:200]}") from None
+    return model
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_checkpoint` from its JSON metadata and weights."""
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise CompressError(f"checkpoint metadata not found: {meta_path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        name, num_classes = meta["model"], int(meta["num_classes"])
+    except (ValueError, KeyError, TypeError):
+        raise CompressError(f"checkpoint metadata {meta_path} is corrupt") from None
+    model = create_model(name, num_classes)
+    load_weights(model, path)
+    return model.eval(), meta

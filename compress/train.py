@@ -1,0 +1,204 @@
+"""The one training loop: seeded, resumable from a per-epoch checkpoint, used by every stage that trains.
+
+Each epoch reseeds every random source from (seed, epoch), so an epoch's result depends only on the
+state at its start; a run killed anywhere resumes from the last finished epoch and ends bit-identical
+to an uninterrupted one (on the same machine and thread count)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from compress.config import TrainConfig
+from compress.distill.losses import DistillLoss
+from compress.errors import CompressError
+
+CHECKPOINT = "last.pt"
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        ok = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not ok[requested]:
+            raise CompressError(f"device {requested!r} is not available on this machine; use device: auto")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31)
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    drop_last = shuffle and len(ds) > batch_size  # a lone 1-image batch breaks BatchNorm
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, num_workers=0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ds: Dataset, batch_size: int = 256, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for a whole split, in order."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for x, y in loader(ds, batch_size):
+        logits.append(model(x.to(device)).float().cpu())
+        targets.append(y)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return float((logits.argmax(1) == targets).float().mean())
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    seconds: float = 0.0
+
+
+def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine decay to zero, as a pure function of the position (resume-safe)."""
+    pos = epoch + step / max(1, steps_per_epoch)
+    if cfg.warmup_epochs and pos < cfg.warmup_epochs:
+        return cfg.lr * (pos + 1.0 / max(1, steps_per_epoch)) / cfg.warmup_epochs
+    span = max(1e-9, cfg.epochs - cfg.warmup_epochs)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, (pos - cfg.warmup_epochs) / span)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def fit(
+    model: nn.Module,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    cfg: TrainConfig,
+    loss_fn: DistillLoss,
+    work_dir: Path,
+    *,
+    seed: int,
+    batch_size: int,
+    teacher: nn.Module | None = None,
+    desc: str = "train",
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place for ``cfg.epochs``; resume from ``work_dir/last.pt`` if present."""
+    device = pick_device(cfg.device)
+    model.to(device)
+    if loss_fn.needs_teacher:
+        if teacher is None:
+            raise CompressError(f"{desc}: the loss needs a teacher and none was given")
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    optimizer = make_optimizer(model, cfg)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = work_dir / CHECKPOINT
+    result = FitResult()
+    start = 0
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, result.history = int(state["epoch"]), list(state["history"])
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
+            start, result.history = 0, []
+        result.resumed_from_epoch = start
+        if start:
+            _log(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
+    t0 = time.perf_counter()
+    n_train = len(train_ds)
+    for epoch in range(start, cfg.epochs):
+        seed_everything(_epoch_seed(seed, epoch))
+        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        batches = loader(train_ds, batch_size, shuffle=True, generator=gen)
+        steps = len(batches)
+        model.train()
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = _progress(batches, f"{desc} {epoch + 1}/{cfg.epochs}")
+        for step, (x, y) in enumerate(bar):
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(cfg, epoch, step, steps)
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            t_logits = None
+            if loss_fn.needs_teacher:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+            loss = loss_fn(logits, y, t_logits)
+            if not torch.isfinite(loss):
+                raise CompressError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        val_logits, val_y = predict(model, val_ds, device=device)
+        row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
+               "val_acc": accuracy(val_logits, val_y), "lr": optimizer.param_groups[0]["lr"]}
+        result.history.append(row)
+        _log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
+             f"val_acc {row['val_acc']:.4f} ({n_train} images)")
+        model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _save_state(ckpt_path, {"model": model_state, "optimizer": optimizer.state_dict(),
+                                "epoch": epoch + 1, "history": result.history})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, row)
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result
+
+
+def _progress(it, desc: str):
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+    return it
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """A recipe small enough for a test: 16 px digits, two light models, one epoch each."""
+
+    def make(name: str = "tiny", **sections) -> Path:
+        import yaml
+
+        raw = {
+            "name": name,
+            "seed": 0,
+            "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
+            "teacher": {"model": "mobilenetv3_small_050", "epochs": 1},
+            "distill": {"student": "mobilenetv2_035", "epochs": 1},
+            "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]},
+        }
+        for key, value in sections.items():
+            raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make

@@ -1,0 +1,115 @@
+"""The command line as a user meets it: one line on stderr and exit code 2 for bad input; an end-to-end
+smoke pipeline; skipping, caching and nothing half-written."""
+
+import json
+
+import onnx
+import torch
+import yaml
+
+from compress.models import create_model
+
+
+def _one_line_error(result, needle):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert needle in lines[0], lines[0]
+
+
+def test_unknown_model(cli):
+    _one_line_error(cli("models", "nothing*"), "no model matches")
+
+
+def test_models_lists_parameter_counts(cli):
+    r = cli("models", "shufflenet*")
+    assert r.returncode == 0
+    assert "shufflenet_v2_x1_0" in r.stdout and "1,263,854" in r.stdout  # torchvision's 10-class x1_0
+
+
+def test_bad_recipe_inputs(cli, tiny_recipe, tmp_path):
+    _one_line_error(cli("pipeline", tmp_path / "absent.yaml"), "recipe not found")
+    _one_line_error(cli("pipeline", tiny_recipe(), "--set", "distill.alphx=1"), "distill.alphx: unknown key")
+    _one_line_error(cli("pipeline", tiny_recipe(), "--set", "distill.alpha=3"), "distill.alpha")
+    _one_line_error(cli("pipeline", tiny_recipe(), "--student", "mobilenet_v9", "--artifacts", tmp_path / "a"),
+                    "unknown model 'mobilenet_v9'")
+    assert not (tmp_path / "a" / "tiny" / "distill").exists()
+    _one_line_error(cli("pipeline", tiny_recipe(), "--nope"), "No such option")
+
+
+def test_corrupt_or_missing_teacher_checkpoint(cli, tiny_recipe, tmp_path):
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    art = tmp_path / "art"
+    _one_line_error(cli("pipeline", tiny_recipe(), "--set", f"teacher.checkpoint={bad}", "--artifacts", art),
+                    "cannot be read")
+    _one_line_error(cli("pipeline", tiny_recipe(), "--set", f"teacher.checkpoint={tmp_path / 'none.pt'}",
+                        "--artifacts", art), "not found")
+    assert not (art / "tiny" / "teacher").exists()
+    assert not any((art / "tiny").glob(".tmp-*"))
+
+
+def test_teacher_from_checkpoint_and_export_bench_commands(cli, tiny_recipe, tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model("mobilenetv3_small_050", 10)
+    ckpt = tmp_path / "t.pt"
+    torch.save(teacher.state_dict(), ckpt)
+    art = tmp_path / "art"
+    r = cli("pipeline", tiny_recipe(stages=["teacher", "distill"]), "--set", f"teacher.checkpoint={ckpt}",
+            "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((art / "tiny" / "teacher" / "metrics.json").read_text())
+    assert metrics["source"].startswith("checkpoint")
+
+    out = tmp_path / "student.onnx"
+    r = cli("export", art / "tiny" / "distill" / "model.safetensors", "--out", out)
+    assert r.returncode == 0, r.stderr
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["compress.model"] == "mobilenetv2_035" and props["compress.image_size"] == "16"
+    r = cli("bench", out, "--runs", "5", "--threads", "1", "--dataset", "digits")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["latency"][0]["runs"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    _one_line_error(cli("bench", tmp_path / "nope.onnx"), "not found")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"nope")
+    _one_line_error(cli("bench", bad), "onnxruntime cannot load")
+    _one_line_error(cli("export", tmp_path / "nope.safetensors", "--out", tmp_path / "x.onnx"), "not found")
+
+
+def test_smoke_pipeline_end_to_end_then_skips(cli, tiny_recipe, tmp_path):
+    art = tmp_path / "art"
+    recipe = tiny_recipe()
+    r = cli("pipeline", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    run = art / "tiny"
+    for stage in ("teacher", "distill", "export", "bench"):
+        for f in ("metrics.json", "config.json", "stage.json"):
+            assert (run / stage / f).is_file(), (stage, f)
+    assert not (run / ".work").exists() or not any((run / ".work").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    student = next(row for row in summary["table"] if row["role"] == "student")
+    for key in ("params", "macs", "onnx_size_bytes", "latency", "torch_accuracy", "onnx_accuracy",
+                "distillation_factor", "kl_teacher_student", "correlation"):
+        assert student[key] is not None, key
+    assert student["onnx_accuracy"] == student["torch_accuracy"]
+    report = (run / "report.md").read_text()
+    assert "distillation factor" in report and "mobilenetv2_035" in report
+    props = {p.key: p.value for p in onnx.load(str(run / "export" / "model_fp32.onnx")).metadata_props}
+    for key in ("compress.input_size", "compress.mean", "compress.std", "compress.class_names", "compress.teacher",
+                "compress.student", "compress.dataset", "compress.accuracy", "compress.distillation_factor"):
+        assert key in props, key
+
+    again = cli("pipeline", recipe, "--artifacts", art)
+    assert again.returncode == 0
+    assert again.stderr.count("unchanged, skipped") == 4, again.stderr
+
+    # a changed distill setting reruns distill and what follows, and reuses the teacher
+    changed = cli("pipeline", recipe, "--artifacts", art, "--set", "distill.alpha=0.5")
+    assert "[teacher] unchanged, skipped" in changed.stderr
+    assert "[distill] running" in changed.stderr and "[bench] running" in changed.stderr
+
+    # another run with the same data and teacher settings reuses the cached teacher
+    other = cli("pipeline", tiny_recipe(name="other", stages=["teacher"]), "--artifacts", art)
+    assert other.returncode == 0 and "reusing cached" in other.stderr

@@ -1,0 +1,52 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.bench import latency
+from compress.config import DataConfig
+from compress.data import load_data
+from compress.errors import CheckFailed
+from compress.export import export_onnx, ort_session, parity, read_metadata
+from compress.models import create_model
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DataConfig(image_size=16))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "shufflenet_v2_x0_5"])
+def test_export_passes_checker_parity_and_has_dynamic_batch(name, data, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, data.num_classes).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", 16, opset=18, metadata={"compress.dataset": "digits", "compress.mean": [0.1, 0.2, 0.3]})
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert proto.opset_import[0].version >= 17
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 16, 16]
+    assert read_metadata(path)["compress.mean"] == "[0.1, 0.2, 0.3]"
+    report = parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0)
+    assert report["images"] == 540 and report["argmax_agreement"] == 1.0
+    sess = ort_session(path)
+    out = sess.run(None, {"input": np.zeros((5, 3, 16, 16), np.float32)})[0]
+    assert out.shape == (5, 10)
+
+
+def test_parity_failure_is_reported(data, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", 16)
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)  # the ONNX file no longer matches the model
+    with pytest.raises(CheckFailed, match="parity failed"):
+        parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0)
+
+
+def test_latency_reports_percentiles(data, tmp_path):
+    model = create_model("mobilenetv3_small_050", 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", 16)
+    lat = latency(path, 16, threads=1, warmup=2, runs=20)
+    assert lat["runs"] == 20 and lat["threads"] == 1
+    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
