@@ -115,22 +115,38 @@ def models(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'mobil
         typer.echo(f"{s.name:<24}{s.role:<9}{s.source:<13}{n:>20,}  {alias_of.get(s.name, '')}")
 
 
+def _click_exceptions():
+    """Recent typer releases carry their own copy of click; older ones use click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+_CLICK = _click_exceptions()
+# click >= 8.2 names it NoArgsIsHelpError, older releases NoArgsIsHelp
+_NO_ARGS_IS_HELP = getattr(_CLICK, "NoArgsIsHelpError", None) or getattr(_CLICK, "NoArgsIsHelp", None) \
+    or type("_Never", (Exception,), {})
+
+
 def main() -> None:
     """Entry point: one line on stderr and exit 2 for every error a user can fix."""
-    import click
-
     command = typer.main.get_command(app)
     try:
         command.main(args=sys.argv[1:], prog_name="compress", standalone_mode=False)
     except CompressError as e:
         print(f"compress: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelp:
+    except _NO_ARGS_IS_HELP as e:
+        typer.echo(e.ctx.get_help() if getattr(e, "ctx", None) else "")
         sys.exit(0)
-    except click.ClickException as e:
+    except (typer.Exit, getattr(_CLICK, "Exit", typer.Exit)) as e:
+        sys.exit(getattr(e, "exit_code", 0))
+    except _CLICK.ClickException as e:
         print(f"compress: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (typer.Abort, getattr(_CLICK, "Abort", typer.Abort)):
         print("compress: interrupted", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

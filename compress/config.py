@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 
 STAGE_ORDER = ("teacher", "distill", "export", "bench")
 
@@ -52,6 +52,16 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
+def _model_name(v: str) -> str:
+    from compress.models import resolve_name
+
+    try:
+        resolve_name(v)
+    except CompressError as e:
+        raise ValueError(str(e)) from None
+    return v
+
+
 class TeacherConfig(TrainConfig):
     """The teacher: loaded from ``checkpoint``, from timm's ``pretrained`` weights (then fine-tuned for
     ``epochs``), or trained from scratch on the dataset. A trained teacher is cached across runs."""
@@ -59,6 +69,8 @@ class TeacherConfig(TrainConfig):
     model: str = "resnet18"
     checkpoint: str | None = None
     pretrained: bool = False
+
+    _model = field_validator("model")(_model_name)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -74,6 +86,17 @@ class DistillConfig(TrainConfig):
     loss: str = "kd"
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term; 0 = from scratch")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
+
+    _student = field_validator("student")(_model_name)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from compress.distill.losses import LOSSES
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown distillation loss {v!r}; valid: {', '.join(LOSSES)}")
+        return v
 
 
 class ExportConfig(_Strict):

@@ -122,6 +122,6 @@ def parity(model: nn.Module, onnx_path: Path, ds: Dataset, max_abs_diff: float, 
     if not result["passed"]:
         raise CheckFailed(
             f"ONNX parity failed for {onnx_path.name}: max |Δlogit| {diff:.3g} (limit {max_abs_diff:g}), "
-            f"argmax agreement {agree:.4%} (limit {min_agreement:.2%})"
+            f"argmax agreement {agree:.4%} (limit {min_agreement:.2%}); logits reach {float(np.abs(ref).max()):.3g}"
         )
     return result

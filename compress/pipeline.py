@@ -122,12 +122,23 @@ def run_stage(ctx: RunContext, stage: Stage) -> StageResult:
     return StageResult(stage.name, out, fp, metrics)
 
 
+def preflight(ctx: RunContext) -> None:
+    """Check what the user handed in before any stage starts: the data loads, a teacher checkpoint
+    exists and holds tensors. Bad input then fails with one line and nothing written."""
+    from compress.models import load_state_dict_file
+
+    _ = ctx.data
+    if ctx.cfg.teacher.checkpoint and "teacher" in ctx.cfg.stages:
+        load_state_dict_file(Path(ctx.cfg.teacher.checkpoint).expanduser())
+
+
 def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False) -> RunContext:
     from compress import report, stages  # noqa: F401  (registers the stages)
 
     run_dir = artifacts / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=artifacts / ".cache", force=force)
+    preflight(ctx)
+    run_dir.mkdir(parents=True, exist_ok=True)
     for name in cfg.stages:
         ctx.results[name] = run_stage(ctx, STAGES[name])
     report.write_reports(ctx)

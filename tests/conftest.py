@@ -31,8 +31,8 @@ def tiny_recipe(tmp_path):
             "name": name,
             "seed": 0,
             "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
-            "teacher": {"model": "mobilenetv3_small_050", "epochs": 1},
-            "distill": {"student": "mobilenetv2_035", "epochs": 1},
+            "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
+            "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01},
             "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]},
         }
         for key, value in sections.items():

@@ -14,8 +14,8 @@ def test_relative_error_and_distillation_factor():
 
 
 def test_kl_and_correlation_by_hand():
-    t = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]))
-    s = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]]))
+    t = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]], dtype=torch.float64))
+    s = torch.log(torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.8, 0.1]], dtype=torch.float64))
     kl = (0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5) + 0.0) / 2
     assert M.kl_divergence(t, s) == pytest.approx(kl, rel=1e-9)
     pt = [0.5, 0.25, 0.25, 0.1, 0.8, 0.1]

@@ -4,8 +4,8 @@ import torch
 from compress.config import DataConfig, TrainConfig
 from compress.data import load_data
 from compress.distill import HintonKD
-from compress.models import create_model
 from compress.train import fit, lr_at, predict
+from torch import nn
 
 
 class Interrupt(Exception):
@@ -17,17 +17,28 @@ def digits16():
     return load_data(DataConfig(image_size=16))
 
 
+def small_cnn(num_classes=10):
+    """The loop is model-agnostic; a small CNN with BatchNorm and dropout keeps these tests fast."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(32, num_classes),
+    )
+
+
 def _train(data, work, epochs=3, on_epoch_end=None, teacher=None, alpha=0.0):
     torch.manual_seed(0)
-    model = create_model("mobilenetv3_small_050", data.num_classes)
-    cfg = TrainConfig(epochs=epochs, lr=0.05)
-    fit(model, data.train, data.val, cfg, HintonKD(alpha=alpha), work, seed=0, batch_size=128,
+    model = small_cnn(data.num_classes)
+    cfg = TrainConfig(epochs=epochs, lr=0.1, warmup_epochs=0)
+    fit(model, data.train, data.val, cfg, HintonKD(alpha=alpha), work, seed=0, batch_size=32,
         teacher=teacher, on_epoch_end=on_epoch_end)
     return model
 
 
 def test_killed_run_resumes_to_the_same_weights(digits16, tmp_path):
     straight = _train(digits16, tmp_path / "a")
+    logits, y = predict(straight, digits16.test)
+    assert (logits.argmax(1) == y).float().mean() > 0.5  # it learns: chance is 10%
 
     def stop(epoch, row):
         if epoch == 2:
@@ -40,15 +51,14 @@ def test_killed_run_resumes_to_the_same_weights(digits16, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_kd_training_learns_and_is_reproducible(digits16, tmp_path):
+def test_kd_training_is_reproducible(digits16, tmp_path):
     torch.manual_seed(1)
-    teacher = create_model("mobilenetv3_small_050", digits16.num_classes).eval()
-    a = _train(digits16, tmp_path / "a", epochs=2, teacher=teacher, alpha=0.5)
-    b = _train(digits16, tmp_path / "b", epochs=2, teacher=teacher, alpha=0.5)
-    la, y = predict(a, digits16.test)
+    teacher = small_cnn(digits16.num_classes).eval()
+    a = _train(digits16, tmp_path / "a", epochs=3, teacher=teacher, alpha=0.3)
+    b = _train(digits16, tmp_path / "b", epochs=3, teacher=teacher, alpha=0.3)
+    la, _ = predict(a, digits16.test)
     lb, _ = predict(b, digits16.test)
     assert torch.equal(la, lb)
-    assert (la.argmax(1) == y).float().mean() > 0.2  # well above the 10% of chance after 2 epochs
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
