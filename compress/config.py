@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import CompressError, ConfigError
 
-STAGE_ORDER = ("teacher", "distill", "export", "bench")
+STAGE_ORDER = ("teacher", "distill", "quantize", "export", "bench")
+# what each stage reads; quantize is optional for export and bench
+STAGE_NEEDS = {"teacher": (), "distill": ("teacher",), "quantize": ("distill",), "export": ("distill",), "bench": ("export",)}
 
 
 class _Strict(BaseModel):
@@ -99,10 +101,29 @@ class DistillConfig(TrainConfig):
         return v
 
 
+class QuantizeConfig(TrainConfig):
+    """Quantization-aware training of the distilled student (int8 weights per channel, uint8
+    activations per tensor, BatchNorm folded), fine-tuned with the distillation loss against the FP32
+    teacher unless ``distill: false``."""
+
+    epochs: int = Field(6, ge=0, le=10_000)
+    lr: float = Field(0.004, gt=0.0, le=10.0)
+    warmup_epochs: int = Field(0, ge=0)
+    calibration_images: int = Field(1024, ge=1, description="training images that set the activation ranges")
+    freeze_observers_after: int = Field(3, ge=0, description="epochs after which activation ranges stay fixed")
+    freeze_bn_after: int = Field(4, ge=0, description="epochs after which BatchNorm statistics stay fixed")
+    distill: bool = Field(True, description="keep the distillation loss against the FP32 teacher")
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX with onnxruntime's quantize_static")
+
+
 class ExportConfig(_Strict):
     opset: int = Field(18, ge=17, le=23)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0)
     min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0)
+    int8_min_argmax_agreement: float = Field(0.995, gt=0.0, le=1.0,
+                                             description="INT8 ONNX against the PyTorch fake-quant model")
 
 
 class BenchConfig(_Strict):
@@ -133,6 +154,7 @@ class PipelineConfig(_Strict):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
 
@@ -144,10 +166,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_ORDER)}")
         if v != [s for s in STAGE_ORDER if s in v]:
             raise ValueError(f"stages must keep the order {' -> '.join(STAGE_ORDER)}")
-        for i, s in enumerate(v[1:], 1):
-            need = STAGE_ORDER[STAGE_ORDER.index(s) - 1]
-            if need not in v[:i]:
-                raise ValueError(f"stage {s!r} needs stage {need!r} before it")
+        for s in v:
+            for need in STAGE_NEEDS[s]:
+                if need not in v:
+                    raise ValueError(f"stage {s!r} needs stage {need!r} before it")
         return v
 
 

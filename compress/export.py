@@ -22,7 +22,7 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int = 18, in_chans: int = 3,
-                metadata: dict | None = None) -> Path:
+                metadata: dict | None = None, exporters: tuple[str, ...] = ("torchscript", "dynamo")) -> Path:
     """Export ``model`` (eval mode, CPU) to ``path`` with input ``(batch, C, S, S)``.
 
     The TorchScript exporter is tried first (fast, exact for every registry model); the dynamo
@@ -31,7 +31,7 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int = 18, 
     x = torch.zeros(2, in_chans, image_size, image_size)
     with atomic_path(path) as tmp:
         errors = []
-        for dynamo in (False, True):
+        for dynamo in (e == "dynamo" for e in exporters):
             try:
                 _export(model, x, tmp, opset, dynamo)
                 break

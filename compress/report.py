@@ -17,30 +17,40 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f} MB"
 
 
+ROLE_LABELS = {"teacher": "teacher", "student": "student FP32", "student_int8": "student INT8 (QAT)",
+               "student_int8_ptq": "student INT8 (PTQ)"}
+_TORCH_STAGE = {"teacher": "teacher", "student": "distill", "student_int8": "quantize"}
+
+
 def _rows(ctx: RunContext) -> list[dict]:
     res = ctx.results
-    teacher = res.get("teacher")
-    distill = res.get("distill")
     bench = res["bench"].metrics["models"] if "bench" in res else {}
     export = res["export"].metrics if "export" in res else {}
+    roles = list(bench) or list(export) or [r for r, st in _TORCH_STAGE.items() if st in res]
     rows = []
-    if teacher:
-        t = teacher.metrics
-        rows.append({"role": "teacher", "model": t["model"], "params": t["params"], "macs": t["macs"],
-                     "torch_accuracy": t["test_accuracy"]})
-    if distill:
-        d = distill.metrics
-        rows.append({"role": "student", "model": d["model"], "params": d["params"], "macs": d["macs"],
-                     "torch_accuracy": d["test_accuracy"], "distillation_factor": d["distillation_factor"],
-                     "relative_error": d["relative_error"], "kl_teacher_student": d["kl_teacher_student"],
-                     "correlation": d["correlation"]})
-    for row in rows:
-        b = bench.get(row["role"], {})
-        e = export.get(row["role"], {})
-        row["onnx_size_bytes"] = b.get("size_bytes", e.get("size_bytes"))
-        row["onnx_accuracy"] = b.get("onnx_accuracy", e.get("parity", {}).get("onnx_accuracy"))
-        row["latency"] = b.get("latency", [])
-        row["macs_by_size"] = b.get("macs", {})
+    for role in roles:
+        stage = _TORCH_STAGE.get(role)
+        m = res[stage].metrics if stage in res else {}
+        b, e = bench.get(role, {}), export.get(role, {})
+        distill = res["distill"].metrics if "distill" in res else {}
+        review = b.get("review") or (distill if role == "student" else {})
+        rows.append({
+            "role": role,
+            "label": ROLE_LABELS.get(role, role),
+            "model": b.get("model") or m.get("model") or distill.get("model"),
+            "precision": b.get("precision", "int8" if "int8" in role else "fp32"),
+            "params": b.get("params", m.get("params")),
+            "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs")),
+            "macs_by_size": b.get("macs", {}),
+            "torch_accuracy": m.get("test_accuracy"),
+            "onnx_accuracy": b.get("onnx_accuracy", e.get("onnx_accuracy")),
+            "onnx_size_bytes": b.get("size_bytes", e.get("size_bytes")),
+            "latency": b.get("latency", []),
+            "distillation_factor": review.get("distillation_factor"),
+            "relative_error": review.get("relative_error"),
+            "kl_teacher_student": review.get("kl_teacher_student"),
+            "correlation": review.get("correlation"),
+        })
     return rows
 
 
@@ -73,10 +83,10 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
             key = (lat["image_size"], lat["threads_setting"])
             if key not in settings:
                 settings.append(key)
-    head = ["", *[f"{r['role']} `{r['model']}`" for r in rows]]
+    head = ["", *[f"{r['label']} `{r['model']}`" for r in rows]]
     table = [
         ("params", [f"{r['params']:,}" for r in rows]),
-        (f"MACs ({d['image_size']}×{d['image_size']})", [f"{r['macs'] / 1e6:.2f} M" for r in rows]),
+        (f"MACs ({d['image_size']}×{d['image_size']})", [_fmt(r["macs"] and r["macs"] / 1e6, ".2f") + " M" for r in rows]),
     ]
     for size in sorted({int(s) for r in rows for s in r["macs_by_size"]} - {d["image_size"]}):
         table.append((f"MACs ({size}×{size})", [f"{r['macs_by_size'].get(str(size), 0) / 1e6:.2f} M" for r in rows]))
@@ -88,7 +98,7 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
             cells.append("n/a" if lat is None else f"{lat['mean_ms']:.3f} / {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f}")
         table.append((f"latency ms mean/p50/p99, {size}×{size}, batch 1, {setting}", cells))
     table += [
-        ("accuracy, PyTorch", [_fmt(r["torch_accuracy"]) for r in rows]),
+        ("accuracy, PyTorch (INT8: fake-quant)", [_fmt(r["torch_accuracy"], ".4f", "—") for r in rows]),
         ("accuracy, ONNX (onnxruntime)", [_fmt(r["onnx_accuracy"]) for r in rows]),
         ("distillation factor P_t/P_s (eq. 7)", [_fmt(r.get("distillation_factor"), ".2f", "—") for r in rows]),
         ("relative error E_s/E_t (eq. 6)", [_fmt(r.get("relative_error"), ".3f", "—" if r["role"] == "teacher" else "n/a (teacher error 0)") for r in rows]),
@@ -101,11 +111,16 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
         lines.append("| " + " | ".join([label, *cells]) + " |")
     if "export" in ctx.results:
         lines += ["", "## ONNX parity (whole test split, onnxruntime vs PyTorch)", "",
-                  "| model | file | max abs logit diff | argmax agreement |", "|---|---|---|---|"]
+                  "| model | file | max abs logit diff | argmax agreement | convolutions onnxruntime runs in int8 / float |",
+                  "|---|---|---|---|---|"]
         for role, e in ctx.results["export"].metrics.items():
-            if isinstance(e, dict) and "parity" in e:
-                p = e["parity"]
-                lines.append(f"| {role} | `{e['file']}` | {p['max_abs_logit_diff']:.2e} | {p['argmax_agreement']:.2%} |")
+            if not isinstance(e, dict) or "file" not in e:
+                continue
+            p, k = e.get("parity"), e.get("kernels")
+            diff = f"{p['max_abs_logit_diff']:.2e}" if p else "—"
+            agree = f"{p['argmax_agreement']:.2%}" if p else "— (no PyTorch twin)"
+            kern = f"{k['quantized_convolutions']} / {k['float_convolutions']}" if k else "— (FP32)"
+            lines.append(f"| {ROLE_LABELS.get(role, role)} | `{e['file']}` | {diff} | {agree} | {kern} |")
     lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
     for n, r in ctx.results.items():
         lines.append(f"| {n} | {'skipped (unchanged)' if r.skipped else 'ran'} | {r.metrics.get('stage_seconds', 0):.1f} |")

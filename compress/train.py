@@ -120,6 +120,7 @@ def fit(
     teacher: nn.Module | None = None,
     desc: str = "train",
     on_epoch_end: Callable[[int, dict], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs``; resume from ``work_dir/last.pt`` if present."""
     device = pick_device(cfg.device)
@@ -154,6 +155,8 @@ def fit(
         batches = loader(train_ds, batch_size, shuffle=True, generator=gen)
         steps = len(batches)
         model.train()
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         total_loss, correct, seen = 0.0, 0, 0
         bar = _progress(batches, f"{desc} {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(bar):
