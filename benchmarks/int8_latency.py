@@ -1,0 +1,111 @@
+"""INT8 against FP32, and QAT-INT8 against onnxruntime's PTQ-INT8, measured as latency ratios in one run.
+
+For each network: the FP32 ONNX file, the int8 QDQ file from compress's QAT path (prepare, calibrate,
+export) and the int8 file from onnxruntime's quantize_static (QDQ, per channel), all at the same input
+size. The three are timed in alternating rounds with onnxruntime's CPU provider so that machine drift
+hits them alike; each round is warm-up + timed runs, and the best p50 per file over the rounds counts.
+
+    .venv/bin/python benchmarks/int8_latency.py                      # mobilenetv2_100 and resnet18, 224x224
+    .venv/bin/python benchmarks/int8_latency.py --models mobilenetv2_100 --threads 0
+
+Latency does not depend on the weights' values, so networks are built fresh (random init, 10 classes)
+and calibrated on digits images upscaled to the input size; pass --checkpoint to use a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compress.bench import latency
+from compress.config import DataConfig
+from compress.data import load_data
+from compress.export import export_onnx
+from compress.int8 import kernel_report, ptq_static
+from compress.models import create_model, load_checkpoint
+from compress.quantize import calibrate, export_qdq, prepare_qat, qat_schedule
+
+GOALS = {"mobilenetv2_100": 0.60, "resnet18": 0.40}  # INT8/FP32 latency goals at 224x224, 1 thread
+QAT_OVER_PTQ_GOAL = 1.05
+
+
+def calibration_images(size: int, n: int) -> torch.Tensor:
+    x = load_data(DataConfig(image_size=32, augment=False)).train.images[:n]
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def build(name: str, size: int, calib: torch.Tensor, tmp: Path, checkpoint: Path | None) -> dict[str, Path]:
+    torch.manual_seed(0)
+    model = load_checkpoint(checkpoint)[0] if checkpoint else create_model(name, 10)
+    model.eval()
+    paths = {"fp32": export_onnx(model, tmp / f"{name}_fp32.onnx", size)}
+    gm = prepare_qat(model, torch.zeros(1, 3, size, size))
+    calibrate(gm, calib.split(8))
+    qat_schedule(gm, 10**9, 0, 0)
+    gm.eval()
+    paths["qat_int8"] = tmp / f"{name}_qat_int8.onnx"
+    export_qdq(gm, paths["qat_int8"], size)
+    paths["ptq_int8"] = tmp / f"{name}_ptq_int8.onnx"
+    ptq_static(paths["fp32"], paths["ptq_int8"], calib.numpy().astype(np.float32))
+    return paths
+
+
+def measure(paths: dict[str, Path], size: int, threads: int, runs: int, rounds: int) -> dict[str, float]:
+    best = {k: float("inf") for k in paths}
+    for _ in range(rounds):
+        for k, p in paths.items():
+            best[k] = min(best[k], latency(p, size, threads=threads, warmup=10, runs=runs)["p50_ms"])
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(GOALS))
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calibration-images", type=int, default=64)
+    ap.add_argument("--checkpoint", type=Path, default=None, help="a compress model.safetensors (one model only)")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    calib = calibration_images(args.size, args.calibration_images)
+    results, ok = [], True
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            paths = build(name, args.size, calib, Path(tmp), args.checkpoint)
+            p50 = measure(paths, args.size, args.threads, args.runs, args.rounds)
+            kernels = {k: kernel_report(paths[k]) for k in ("qat_int8", "ptq_int8")}
+            row = {
+                "model": name,
+                "p50_ms": {k: round(v, 3) for k, v in p50.items()},
+                "size_bytes": {k: p.stat().st_size for k, p in paths.items()},
+                "int8_over_fp32": round(p50["qat_int8"] / p50["fp32"], 3),
+                "ptq_int8_over_fp32": round(p50["ptq_int8"] / p50["fp32"], 3),
+                "qat_over_ptq": round(p50["qat_int8"] / p50["ptq_int8"], 3),
+                "int8_size_over_fp32": round(paths["qat_int8"].stat().st_size / paths["fp32"].stat().st_size, 3),
+                "int8_convolutions": {k: f"{v['quantized_convolutions']} int8 / {v['float_convolutions']} float"
+                                      for k, v in kernels.items()},
+            }
+            goal = GOALS.get(name)
+            row["goals"] = {
+                "int8_over_fp32": None if goal is None else f"<= {goal}: {'met' if row['int8_over_fp32'] <= goal else 'MISSED'}",
+                "qat_over_ptq": f"<= {QAT_OVER_PTQ_GOAL}: {'met' if row['qat_over_ptq'] <= QAT_OVER_PTQ_GOAL else 'MISSED'}",
+            }
+            ok &= (goal is None or row["int8_over_fp32"] <= goal) and row["qat_over_ptq"] <= QAT_OVER_PTQ_GOAL
+            results.append(row)
+            print(json.dumps(row, indent=2), flush=True)
+    print(f"setting: {args.size}x{args.size}, batch 1, {args.threads} thread(s), best p50 of {args.rounds} rounds x {args.runs} runs")
+    print("all goals met" if ok else "some goals MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
