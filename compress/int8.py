@@ -43,6 +43,7 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
     new_inits: list[onnx.TensorProto] = []
     drop: set[int] = set()
     renames: dict[str, str] = {}
+    weight_zp_free: set[str] = set()  # symmetric weights: the zero point input is dropped (default 0)
     folded = 0
     for i, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear" or node.input[0] not in consts:
@@ -62,9 +63,13 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
         name = f"{node.input[0]}_quantized"
         new_inits.append(numpy_helper.from_array(q, name))
         renames[node.output[0]] = name
+        if not np.any(zp):
+            weight_zp_free.add(node.output[0])
         drop.add(i)
         folded += 1
     for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in weight_zp_free and len(node.input) > 2:
+            del node.input[2]
         for j, inp in enumerate(node.input):
             if inp in renames:
                 node.input[j] = renames[inp]
@@ -93,8 +98,7 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
             scale = np.full(bias.shape, scale[0], np.float32)
         q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
         base = f"{node.input[2]}_{node.name or node.output[0]}"
-        new = [numpy_helper.from_array(q, f"{base}_int32"), numpy_helper.from_array(scale, f"{base}_scale"),
-               numpy_helper.from_array(np.zeros_like(q), f"{base}_zp")]
+        new = [numpy_helper.from_array(q, f"{base}_int32"), numpy_helper.from_array(scale, f"{base}_scale")]
         graph.initializer.extend(new)
         dq = helper.make_node("DequantizeLinear", [t.name for t in new], [f"{base}_dq"], name=f"{base}_DequantizeLinear", axis=0)
         bias_nodes.append((node, dq))
@@ -103,11 +107,24 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
     for node, dq in bias_nodes:
         idx = list(graph.node).index(node)
         graph.node.insert(idx, dq)
+    _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
     onnx.checker.check_model(proto)
     with atomic_path(dst) as tmp:
         onnx.save(proto, str(tmp))
     return {"weights_stored_int8": folded, "biases_stored_int32": biases}
+
+
+def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs is read (left over once their consumers were rewired)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        alive = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(graph.node):
+            return
+        graph.ClearField("node")
+        graph.node.extend(alive)
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:

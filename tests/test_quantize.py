@@ -96,7 +96,7 @@ def test_every_convolution_runs_as_an_int8_kernel(name, tmp_path):
 
 
 def test_int8_file_is_small_and_ptq_baseline_fuses(tmp_path):
-    model, gm = _prepared("mobilenetv2_050")
+    model, gm = _prepared("mobilenetv2_100")
     fp32 = export_onnx(model, tmp_path / "fp32.onnx", 32)
     qat = tmp_path / "qat.onnx"
     export_qdq(gm, qat, 32)
