@@ -44,6 +44,13 @@ def calibration_images(size: int, n: int) -> torch.Tensor:
 def build(name: str, size: int, calib: torch.Tensor, tmp: Path, checkpoint: Path | None) -> dict[str, Path]:
     torch.manual_seed(0)
     model = load_checkpoint(checkpoint)[0] if checkpoint else create_model(name, 10)
+    if checkpoint is None:
+        # timm zero-initializes the last BatchNorm of each residual block; all-zero layers are not what
+        # a trained network runs, so give every BatchNorm a trained-looking scale and statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+                torch.nn.init.uniform_(m.running_var, 0.5, 2.0)
     model.eval()
     paths = {"fp32": export_onnx(model, tmp / f"{name}_fp32.onnx", size)}
     gm = prepare_qat(model, torch.zeros(1, 3, size, size))

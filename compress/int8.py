@@ -67,8 +67,11 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
             weight_zp_free.add(node.output[0])
         drop.add(i)
         folded += 1
+    # onnxruntime fuses QLinearConv without weight zero points but wants them for QGemm
+    gemm_inputs = {i for n in graph.node if n.op_type == "Gemm" for i in n.input}
     for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in weight_zp_free and len(node.input) > 2:
+        if (node.op_type == "DequantizeLinear" and node.input[0] in weight_zp_free and len(node.input) > 2
+                and node.output[0] not in gemm_inputs):
             del node.input[2]
         for j, inp in enumerate(node.input):
             if inp in renames:
@@ -99,6 +102,8 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
         q = np.clip(np.rint(bias.astype(np.float64) / scale), -(2**31), 2**31 - 1).astype(np.int32)
         base = f"{node.input[2]}_{node.name or node.output[0]}"
         new = [numpy_helper.from_array(q, f"{base}_int32"), numpy_helper.from_array(scale, f"{base}_scale")]
+        if node.op_type == "Gemm":
+            new.append(numpy_helper.from_array(np.zeros_like(q), f"{base}_zp"))
         graph.initializer.extend(new)
         dq = helper.make_node("DequantizeLinear", [t.name for t in new], [f"{base}_dq"], name=f"{base}_DequantizeLinear", axis=0)
         bias_nodes.append((node, dq))
@@ -107,12 +112,24 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
     for node, dq in bias_nodes:
         idx = list(graph.node).index(node)
         graph.node.insert(idx, dq)
+    _shape_from_quantized(graph)
     _drop_dead_nodes(graph)
     _drop_unused_initializers(graph)
     onnx.checker.check_model(proto)
     with atomic_path(dst) as tmp:
         onnx.save(proto, str(tmp))
     return {"weights_stored_int8": folded, "biases_stored_int32": biases}
+
+
+def _shape_from_quantized(graph: onnx.GraphProto) -> None:
+    """A Shape node reading a DequantizeLinear output reads its int8 input instead (same shape), so the
+    dequantization is not kept alive just to be measured and onnxruntime can fuse it away."""
+    producers = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type == "Shape":
+            src = producers.get(node.input[0])
+            if src is not None and src.op_type == "DequantizeLinear":
+                node.input[0] = src.input[0]
 
 
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:

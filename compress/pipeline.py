@@ -57,6 +57,7 @@ class Stage:
     run: Callable[[RunContext, Path, Path], dict]  # (ctx, out_dir, work_dir) -> metrics
     upstream: tuple[str, ...]
     extra_identity: Callable[[RunContext], dict] | None = None
+    version: int = 1  # bump when the stage's code changes what it writes
 
 
 STAGES: dict[str, Stage] = {}
@@ -75,6 +76,8 @@ def fingerprint(ctx: RunContext, stage: Stage) -> str:
         "seed": ctx.cfg.seed,
         "upstream": {u: ctx.results[u].fingerprint for u in stage.upstream if u in ctx.results},
     }
+    if stage.version != 1:
+        ident["version"] = stage.version
     if stage.extra_identity is not None:
         ident["extra"] = stage.extra_identity(ctx)
     return sha256_json(ident)

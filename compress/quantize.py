@@ -8,10 +8,10 @@ int8 graph will hold), training follows with the one training loop, and :func:`e
 int8 ONNX file (weights stored as int8, biases as int32, activations as Q/DQ pairs).
 
 The placement of activation fake-quant mirrors what onnxruntime fuses: every convolution and linear
-layer reads a quantized tensor and writes one; a ReLU/ReLU6 directly after a convolution is quantized
-after the activation (onnxruntime folds it into the requantization); adds, multiplies, concatenations,
-poolings and other activations write quantized tensors too. Reshapes, transposes, slices and flattens
-are left alone: they move int8 data as it is.
+layer reads a quantized tensor and writes one; a ReLU/ReLU6 that is the only reader of a convolution or
+an add is quantized after the activation (onnxruntime folds it into the requantization); adds,
+multiplies, concatenations, poolings, channel shuffles and other activations write quantized tensors
+too. Reshapes, transposes, slices and flattens are left alone: they move int8 data as it is.
 """
 
 from __future__ import annotations
@@ -203,12 +203,13 @@ class FrozenQLinear(nn.Module):
 # -- graph rewriting ----------------------------------------------------------------------------
 
 _FUSABLE_ACTS = (nn.ReLU, nn.ReLU6)
+# modules whose output the int8 graph holds as a quantized tensor (max pooling included: its output is
+# often read by a residual add as well as by a convolution)
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh,
-                nn.LeakyReLU, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d)
+                nn.LeakyReLU, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 _COMPUTE_FUNCS = {operator.add, operator.mul, operator.iadd, operator.imul, torch.add, torch.mul, torch.cat, torch.mean, torch.sigmoid,
                   F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.adaptive_avg_pool2d,
-                  F.avg_pool2d, torch.flatten}
+                  F.avg_pool2d, F.max_pool2d, torch.flatten}
 _COMPUTE_METHODS = {"add", "mul", "mean", "sigmoid", "relu", "add_", "mul_"}
 
 
@@ -268,12 +269,24 @@ def _is_fusable_act(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.relu, F.relu6, torch.relu)
 
 
+def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s value, looking through modules that return their input unchanged
+    in eval (Identity, Dropout)."""
+    out = []
+    for u in node.users:
+        if isinstance(_module_of(gm, u), (nn.Identity, nn.Dropout)):
+            out.extend(_readers(gm, u))
+        else:
+            out.append(u)
+    return out
+
+
 def _produces_quantized(gm: fx.GraphModule, node: fx.Node) -> bool:
     m = _module_of(gm, node)
     if m is not None:
         return isinstance(m, (QConvBn2d, QLinear, *_ACT_MODULES))
     if node.op == "call_function":
-        return node.target in _COMPUTE_FUNCS
+        return node.target in _COMPUTE_FUNCS or getattr(node.target, "__name__", "") == "channel_shuffle"
     if node.op == "call_method":
         return node.target in _COMPUTE_METHODS
     return node.op == "placeholder"
@@ -340,8 +353,8 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
             continue
         if not _produces_quantized(gm, node):
             continue
-        users = list(node.users)
-        if users and all(_is_fusable_act(gm, u) for u in users) and _module_of(gm, node).__class__ is QConvBn2d:
+        users = _readers(gm, node)
+        if users and all(_is_fusable_act(gm, u) for u in users) and node.op != "placeholder":
             continue  # quantized after the ReLU, which onnxruntime folds into the requantization
         insert_after(node)
     # every convolution and linear layer reads a quantized tensor
