@@ -26,7 +26,8 @@ def _rows(ctx: RunContext) -> list[dict]:
     res = ctx.results
     bench = res["bench"].metrics["models"] if "bench" in res else {}
     export = res["export"].metrics if "export" in res else {}
-    roles = list(bench) or list(export) or [r for r, st in _TORCH_STAGE.items() if st in res]
+    exported = [k for k, v in export.items() if isinstance(v, dict) and "file" in v]
+    roles = list(bench) or exported or [r for r, st in _TORCH_STAGE.items() if st in res]
     rows = []
     for role in roles:
         stage = _TORCH_STAGE.get(role)

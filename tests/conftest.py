@@ -30,6 +30,7 @@ def tiny_recipe(tmp_path):
         raw = {
             "name": name,
             "seed": 0,
+            "stages": ["teacher", "distill", "export", "bench"],
             "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
             "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
             "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01},

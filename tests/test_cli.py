@@ -114,3 +114,23 @@ def test_smoke_pipeline_end_to_end_then_skips(cli, tiny_recipe, tmp_path):
     # another run with the same data and teacher settings reuses the cached teacher
     other = cli("pipeline", tiny_recipe(name="other", stages=["teacher"]), "--artifacts", art)
     assert other.returncode == 0 and "reusing cached" in other.stderr
+
+
+def test_quantize_path_writes_an_int8_file_onnxruntime_runs_in_int8(cli, tiny_recipe, tmp_path):
+    art = tmp_path / "art"
+    # a one-epoch model is near chance, so its int8/fake-quant agreement is not what this test is about
+    recipe = tiny_recipe(stages=["teacher", "distill", "quantize", "export"], quantize={"epochs": 1},
+                         export={"int8_min_argmax_agreement": 0.5})
+    r = cli("pipeline", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    export = json.loads((art / "tiny" / "export" / "metrics.json").read_text())
+    for role in ("student_int8", "student_int8_ptq"):
+        assert export[role]["kernels"]["float_convolutions"] == 0
+        assert export[role]["kernels"]["quantized_convolutions"] > 0
+    fp32 = (art / "tiny" / "export" / "model_fp32.onnx").stat().st_size
+    assert (art / "tiny" / "export" / "model_int8.onnx").stat().st_size < 0.4 * fp32
+    props = {p.key: p.value for p in onnx.load(str(art / "tiny" / "export" / "model_int8.onnx")).metadata_props}
+    assert json.loads(props["compress.quantization"])["weights"].startswith("int8")
+    assert props["compress.precision"] == "int8"
+    quantize = json.loads((art / "tiny" / "quantize" / "metrics.json").read_text())
+    assert quantize["graph"]["batchnorms_folded"] > 0 and quantize["loss"] == "kd"
