@@ -40,8 +40,9 @@ def _rows(ctx: RunContext) -> list[dict]:
             "label": ROLE_LABELS.get(role, role),
             "model": b.get("model") or m.get("model") or distill.get("model"),
             "precision": b.get("precision", "int8" if "int8" in role else "fp32"),
-            "params": b.get("params", m.get("params")),
-            "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs")),
+            # quantization keeps the student's architecture: its parameter and MAC counts are the student's
+            "params": b.get("params", m.get("params", distill.get("params"))),
+            "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs", distill.get("macs"))),
             "macs_by_size": b.get("macs", {}),
             "torch_accuracy": m.get("test_accuracy"),
             "onnx_accuracy": b.get("onnx_accuracy", e.get("onnx_accuracy")),
@@ -86,7 +87,7 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
                 settings.append(key)
     head = ["", *[f"{r['label']} `{r['model']}`" for r in rows]]
     table = [
-        ("params", [f"{r['params']:,}" for r in rows]),
+        ("params", [_fmt(r["params"], ",", "n/a") for r in rows]),
         (f"MACs ({d['image_size']}×{d['image_size']})", [_fmt(r["macs"] and r["macs"] / 1e6, ".2f") + " M" for r in rows]),
     ]
     for size in sorted({int(s) for r in rows for s in r["macs_by_size"]} - {d["image_size"]}):
