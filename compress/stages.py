@@ -15,7 +15,7 @@ from compress.distill import build_loss
 from compress.errors import CompressError
 from compress.export import export_onnx, parity
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, write_json
-from compress.models import (create_model, load_checkpoint, load_state_dict_file, load_weights, resolve_name,
+from compress.models import (REGISTRY, create_model, load_checkpoint, load_state_dict_file, load_weights, resolve_name,
                              save_checkpoint)
 from compress.pipeline import RunContext, Stage, fingerprint, log, register_stage
 from compress.train import fit, predict, seed_everything
@@ -69,7 +69,9 @@ def run_teacher(ctx: RunContext, out: Path, work: Path) -> dict:
         model = create_model(name, data.num_classes, pretrained=cfg.pretrained)
         info["source"] = "timm pretrained, fine-tuned" if cfg.pretrained else "trained from scratch"
         loss = build_loss("kd", alpha=0.0, label_smoothing=cfg.label_smoothing)
-        result = fit(model, data.train, data.val, cfg, loss, work, seed=ctx.cfg.seed,
+        train_cfg = cfg.model_copy(update={"lr": cfg.lr * REGISTRY[name].lr_scale})
+        info["lr"] = train_cfg.lr
+        result = fit(model, data.train, data.val, train_cfg, loss, work, seed=ctx.cfg.seed,
                      batch_size=ctx.cfg.data.batch_size, desc=f"teacher {name}")
         info["history"] = result.history
         info["train_seconds"] = round(result.seconds, 2)
