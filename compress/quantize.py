@@ -59,6 +59,18 @@ def fake_quant_onnx(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     return x * inside + (y - x * inside).detach()
 
 
+def fake_quant_bias(b: torch.Tensor, w_scale: torch.Tensor, input_fq: "ActFakeQuant | None",
+                    force: bool = False) -> torch.Tensor:
+    """The bias as the int8 graph holds it: int32 with scale s_input·s_weight (onnxruntime adds it to
+    the integer accumulator). Without this, the PyTorch model and the int8 file round differently."""
+    if input_fq is None or not bool(input_fq.initialized) or not (input_fq.enabled or force):
+        return b
+    s_x, _ = input_fq.qparams()
+    scale = (w_scale.double() * s_x).float().double()
+    q = torch.round(b.detach().double() / scale).clamp(-(2**31), 2**31 - 1)
+    return b + ((q * scale).to(b.dtype) - b).detach()
+
+
 class ActFakeQuant(nn.Module):
     """Per-tensor asymmetric uint8 fake quantization with a moving-average min/max observer.
 
@@ -118,6 +130,11 @@ class QConvBn2d(nn.Module):
         self.conv, self.bn = conv, bn
         self.freeze_bn = False
         self.quantize_weight = False
+        self._input_fq: list = []  # the ActFakeQuant of this layer's input (not a submodule)
+
+    @property
+    def input_fq(self) -> "ActFakeQuant | None":
+        return self._input_fq[0] if self._input_fq else None
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
@@ -138,7 +155,10 @@ class QConvBn2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = fake_quant_weight if self.quantize_weight else (lambda t: t)
         if self.bn is None:
-            return self._conv(x, q(self.conv.weight), self.conv.bias)
+            b = self.conv.bias
+            if b is not None and self.quantize_weight:
+                b = fake_quant_bias(b, weight_scale(self.conv.weight), self.input_fq)
+            return self._conv(x, q(self.conv.weight), b)
         bn = self.bn
         if self.training and not self.freeze_bn:
             std = torch.sqrt(bn.running_var + bn.eps)
@@ -149,6 +169,8 @@ class QConvBn2d(nn.Module):
                 y = y + self.conv.bias.reshape(1, -1, 1, 1)
             return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum or 0.1, bn.eps)
         w, b = self.folded()
+        if self.quantize_weight:
+            b = fake_quant_bias(b, weight_scale(w), self.input_fq)
         return self._conv(x, q(w), b)
 
 
@@ -159,10 +181,19 @@ class QLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.quantize_weight = False
+        self._input_fq: list = []
+
+    @property
+    def input_fq(self) -> "ActFakeQuant | None":
+        return self._input_fq[0] if self._input_fq else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = fake_quant_weight(self.linear.weight) if self.quantize_weight else self.linear.weight
-        return F.linear(x, w, self.linear.bias)
+        if not self.quantize_weight:
+            return F.linear(x, self.linear.weight, self.linear.bias)
+        b = self.linear.bias
+        if b is not None:
+            b = fake_quant_bias(b, weight_scale(self.linear.weight), self.input_fq)
+        return F.linear(x, fake_quant_weight(self.linear.weight), b)
 
 
 class FrozenQConv2d(nn.Module):
@@ -175,7 +206,7 @@ class FrozenQConv2d(nn.Module):
         # weights snapped to their int8 grid: QuantizeLinear of these values gives back exactly the
         # integers training used, whatever the rounding of the division
         self.register_buffer("weight", fake_quant_weight(w.detach()).clone())
-        self.register_buffer("bias", b.detach().clone())
+        self.register_buffer("bias", fake_quant_bias(b, weight_scale(w), q.input_fq, force=True).detach().clone())
         self.register_buffer("scale", weight_scale(w))
         c = q.conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
@@ -191,7 +222,8 @@ class FrozenQLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", fake_quant_weight(q.linear.weight.detach()).clone())
         b = q.linear.bias
-        self.register_buffer("bias", b.detach().clone() if b is not None else torch.zeros(self.weight.shape[0]))
+        b = b.detach() if b is not None else torch.zeros(self.weight.shape[0])
+        self.register_buffer("bias", fake_quant_bias(b, weight_scale(q.linear.weight), q.input_fq, force=True).detach().clone())
         self.register_buffer("scale", weight_scale(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -374,6 +406,13 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
                     fq = gm.graph.call_module(name, (src,))
                 node.replace_input_with(src, fq)
                 quantized[fq] = fq
+    for node in gm.graph.nodes:  # each quantized layer knows the quantizer of its input (bias scale)
+        layer = _module_of(gm, node)
+        if isinstance(layer, (QConvBn2d, QLinear)) and isinstance(node.args[0], fx.Node):
+            src = no_op_source(node.args[0])
+            fq = _module_of(gm, src)
+            if isinstance(fq, ActFakeQuant):
+                layer._input_fq[:] = [fq]
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

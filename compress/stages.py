@@ -380,8 +380,8 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
 
 register_stage(Stage("teacher", run_teacher, (), extra_identity=_teacher_identity))
 register_stage(Stage("distill", run_distill, ("teacher",)))
-register_stage(Stage("quantize", run_quantize, ("teacher", "distill"), version=2))
-register_stage(Stage("export", run_export, ("teacher", "distill", "quantize"), version=2))
-register_stage(Stage("bench", run_bench, ("export",), version=2))
+register_stage(Stage("quantize", run_quantize, ("teacher", "distill"), version=3))
+register_stage(Stage("export", run_export, ("teacher", "distill", "quantize"), version=3))
+register_stage(Stage("bench", run_bench, ("export",), version=3))
 
 from compress.pipeline import STAGES as STAGES_BY_NAME  # noqa: E402

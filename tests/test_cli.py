@@ -118,9 +118,7 @@ def test_smoke_pipeline_end_to_end_then_skips(cli, tiny_recipe, tmp_path):
 
 def test_quantize_path_writes_an_int8_file_onnxruntime_runs_in_int8(cli, tiny_recipe, tmp_path):
     art = tmp_path / "art"
-    # a one-epoch model is near chance, so its int8/fake-quant agreement is not what this test is about
-    recipe = tiny_recipe(stages=["teacher", "distill", "quantize", "export"], quantize={"epochs": 1},
-                         export={"int8_min_argmax_agreement": 0.5})
+    recipe = tiny_recipe(stages=["teacher", "distill", "quantize", "export"], quantize={"epochs": 1})
     r = cli("pipeline", recipe, "--artifacts", art)
     assert r.returncode == 0, r.stderr
     export = json.loads((art / "tiny" / "export" / "metrics.json").read_text())
