@@ -51,15 +51,28 @@ def export(
     image_size: Optional[int] = typer.Option(None, min=8, max=2048, help="input size; default: the training size"),
     opset: int = typer.Option(18, min=17, max=23),
 ) -> None:
-    """Export a compress checkpoint to ONNX (dynamic batch axis, onnx.checker, metadata)."""
+    """Export a compress checkpoint to ONNX (dynamic batch axis, onnx.checker, metadata); a QAT
+    checkpoint (quantize/model.safetensors) becomes an int8 QDQ file."""
+    import json
+
     from compress.export import export_onnx
     from compress.models import load_checkpoint
+    from compress.quantize import export_qdq, load_qat_checkpoint
 
-    model, meta = load_checkpoint(checkpoint)
+    meta_path = checkpoint.with_suffix(".json")
+    try:
+        is_qat = bool(json.loads(meta_path.read_text()).get("qat"))
+    except (OSError, ValueError, AttributeError):
+        is_qat = False  # load_checkpoint names the problem
+    model, meta = load_qat_checkpoint(checkpoint) if is_qat else load_checkpoint(checkpoint)
     size = image_size or int(meta.get("image_size", 224))
     props = {f"compress.{k}": v for k, v in meta.items()}
     props["compress.input_size"] = [1, 3, size, size]
-    export_onnx(model, out, size, opset=opset, metadata=props)
+    props["compress.precision"] = "int8" if is_qat else "fp32"
+    if is_qat:
+        export_qdq(model, out, size, opset=opset, metadata=props)
+    else:
+        export_onnx(model, out, size, opset=opset, metadata=props)
     typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 

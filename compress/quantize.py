@@ -500,6 +500,25 @@ def quantized_model(model: nn.Module, image_size: int) -> fx.GraphModule:
     return gm.eval()
 
 
+def load_qat_checkpoint(path: Path) -> tuple[fx.GraphModule, dict]:
+    """Rebuild a QAT model saved by the quantize stage (its JSON names the float architecture)."""
+    import json
+
+    from compress.models import create_model, load_state_dict_file
+
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        gm = quantized_model(create_model(meta["model"], int(meta["num_classes"])), int(meta["image_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CompressError(f"QAT checkpoint metadata {meta_path} is missing or corrupt") from None
+    try:
+        gm.load_state_dict(load_state_dict_file(path))
+    except RuntimeError:
+        raise CompressError(f"checkpoint {path} does not fit the QAT form of {meta['model']}") from None
+    return gm.eval(), meta
+
+
 def qat_schedule(gm: nn.Module, epoch: int, freeze_observers_after: int, freeze_bn_after: int) -> None:
     """State of the QAT switches at the start of ``epoch`` (0-based), a pure function of the epoch so a
     resumed run sees exactly what an uninterrupted one saw."""

@@ -137,13 +137,9 @@ def run_distill(ctx: RunContext, out: Path, work: Path) -> dict:
 
 
 def load_quantized(ctx: RunContext) -> torch.nn.Module:
-    from compress.quantize import quantized_model
+    from compress.quantize import load_qat_checkpoint
 
-    path = ctx.stage_dir("quantize") / MODEL_FILE
-    meta = read_json(path.with_suffix(".json"))
-    gm = quantized_model(create_model(meta["model"], meta["num_classes"]), meta["image_size"])
-    gm.load_state_dict(load_state_dict_file(path))
-    return gm.eval()
+    return load_qat_checkpoint(ctx.stage_dir("quantize") / MODEL_FILE)[0]
 
 
 def run_quantize(ctx: RunContext, out: Path, work: Path) -> dict:

@@ -132,3 +132,10 @@ def test_quantize_path_writes_an_int8_file_onnxruntime_runs_in_int8(cli, tiny_re
     assert props["compress.precision"] == "int8"
     quantize = json.loads((art / "tiny" / "quantize" / "metrics.json").read_text())
     assert quantize["graph"]["batchnorms_folded"] > 0 and quantize["loss"] == "kd"
+
+    # the QAT checkpoint exports on its own to the same int8 graph
+    out = tmp_path / "again_int8.onnx"
+    r = cli("export", art / "tiny" / "quantize" / "model.safetensors", "--out", out)
+    assert r.returncode == 0, r.stderr
+    again = cli("bench", out, "--runs", "3", "--threads", "1", "--dataset", "digits")
+    assert json.loads(again.stdout)["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
