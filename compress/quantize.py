@@ -20,7 +20,6 @@ import copy
 import operator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F

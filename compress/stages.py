@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from compress import metrics as M
-from compress.bench import file_size, latency, onnx_accuracy
+from compress.bench import file_size, latency
 from compress.distill import build_loss
 from compress.errors import CompressError
 from compress.export import export_onnx, parity
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, write_json
-from compress.models import (REGISTRY, create_model, load_checkpoint, load_state_dict_file, load_weights, resolve_name,
+from compress.models import (REGISTRY, create_model, load_checkpoint, load_weights, resolve_name,
                              save_checkpoint)
 from compress.pipeline import RunContext, Stage, fingerprint, log, register_stage
 from compress.train import fit, predict, seed_everything
@@ -253,7 +253,7 @@ def build_onnx(ctx: RunContext, role: str, size: int, path: Path, fp32_path: Pat
 
 
 def run_export(ctx: RunContext, out: Path, work: Path) -> dict:
-    from compress.export import ort_predict, ort_session, set_metadata
+    from compress.export import ort_predict, ort_session
     from compress.int8 import kernel_report
     from compress.quantize import SCHEME
 

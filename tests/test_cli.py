@@ -6,7 +6,6 @@ import json
 import onnx
 import pytest
 import torch
-import yaml
 
 from compress.models import create_model
 
