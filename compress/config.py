@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import CompressError, ConfigError
 
-STAGE_ORDER = ("teacher", "distill", "quantize", "export", "bench")
-# what each stage reads; quantize is optional for export and bench
-STAGE_NEEDS = {"teacher": (), "distill": ("teacher",), "quantize": ("distill",), "export": ("distill",), "bench": ("export",)}
+STAGE_ORDER = ("teacher", "distill", "prune", "quantize", "export", "bench")
+# what each stage reads; prune and quantize are optional for the stages after them
+STAGE_NEEDS = {"teacher": (), "distill": ("teacher",), "prune": ("distill",), "quantize": ("distill",),
+               "export": ("distill",), "bench": ("export",)}
 
 
 class _Strict(BaseModel):
@@ -101,6 +102,32 @@ class DistillConfig(TrainConfig):
         return v
 
 
+class PruneConfig(TrainConfig):
+    """Structured pruning of the distilled student: whole channels removed in ``iterative_steps`` steps,
+    each followed by ``epochs`` of distillation fine-tuning from the pipeline's teacher. The target is a
+    MACs budget (``macs_target``: the fraction of the student's MACs to keep) or a channel ratio
+    (``channel_ratio``: the fraction of channels to remove), not both."""
+
+    epochs: int = Field(3, ge=0, le=10_000, description="fine-tuning epochs after each pruning step")
+    lr: float = Field(0.01, gt=0.0, le=10.0)
+    warmup_epochs: int = Field(0, ge=0)
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    macs_target: float | None = Field(0.5, gt=0.0, lt=1.0)
+    channel_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    global_pruning: bool = False
+    iterative_steps: int = Field(3, ge=1, le=100)
+    round_to: int | None = Field(8, ge=1, le=256, description="channel counts rounded to a multiple of this")
+    max_layer_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="no layer loses more than this share")
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneConfig":
+        if (self.macs_target is None) == (self.channel_ratio is None):
+            raise ValueError("set exactly one of macs_target and channel_ratio (the other to null)")
+        return self
+
+
 class QuantizeConfig(TrainConfig):
     """Quantization-aware training of the distilled student (int8 weights per channel, uint8
     activations per tensor, BatchNorm folded), fine-tuned with the distillation loss against the FP32
@@ -154,6 +181,7 @@ class PipelineConfig(_Strict):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
+    prune: PruneConfig = PruneConfig()
     quantize: QuantizeConfig = QuantizeConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()

@@ -138,5 +138,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except (ValueError, KeyError, TypeError):
         raise CompressError(f"checkpoint metadata {meta_path} is corrupt") from None
     model = create_model(name, num_classes)
+    if meta.get("arch"):  # a pruned model: its layers take the stored channel counts first
+        from compress.prune import apply_architecture
+
+        apply_architecture(model, meta["arch"])
     load_weights(model, path)
     return model.eval(), meta

@@ -508,7 +508,12 @@ def load_qat_checkpoint(path: Path) -> tuple[fx.GraphModule, dict]:
     meta_path = Path(path).with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
-        gm = quantized_model(create_model(meta["model"], int(meta["num_classes"])), int(meta["image_size"]))
+        model = create_model(meta["model"], int(meta["num_classes"]))
+        if meta.get("arch"):
+            from compress.prune import apply_architecture
+
+            apply_architecture(model, meta["arch"])
+        gm = quantized_model(model, int(meta["image_size"]))
     except (OSError, ValueError, KeyError, TypeError):
         raise CompressError(f"QAT checkpoint metadata {meta_path} is missing or corrupt") from None
     try:

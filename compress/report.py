@@ -17,9 +17,9 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f} MB"
 
 
-ROLE_LABELS = {"teacher": "teacher", "student": "student FP32", "student_int8": "student INT8 (QAT)",
-               "student_int8_ptq": "student INT8 (PTQ)"}
-_TORCH_STAGE = {"teacher": "teacher", "student": "distill", "student_int8": "quantize"}
+ROLE_LABELS = {"teacher": "teacher", "student": "student FP32", "student_pruned": "student pruned FP32",
+               "student_int8": "student INT8 (QAT)", "student_int8_ptq": "student INT8 (PTQ)"}
+_TORCH_STAGE = {"teacher": "teacher", "student": "distill", "student_pruned": "prune", "student_int8": "quantize"}
 
 
 def _rows(ctx: RunContext) -> list[dict]:
@@ -103,7 +103,7 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
         ("accuracy, PyTorch (INT8: fake-quant)", [_fmt(r["torch_accuracy"], ".4f", "—") for r in rows]),
         ("accuracy, ONNX (onnxruntime)", [_fmt(r["onnx_accuracy"]) for r in rows]),
         ("distillation factor P_t/P_s (eq. 7)", [_fmt(r.get("distillation_factor"), ".2f", "—") for r in rows]),
-        ("relative error E_s/E_t (eq. 6)", [_fmt(r.get("relative_error"), ".3f", "—" if r["role"] == "teacher" else "n/a (teacher error 0)") for r in rows]),
+        ("relative error E_s/E_t (eq. 6)", [_fmt(r.get("relative_error"), ".3f", "—" if r["role"] == "teacher" else "n/a") for r in rows]),
         ("KL(P_t ‖ P_s) (eq. 8)", [_fmt(r.get("kl_teacher_student"), ".4f", "—") for r in rows]),
         ("correlation ρ(P_t, P_s) (eq. 9)", [_fmt(r.get("correlation"), ".4f", "—") for r in rows]),
     ]
@@ -111,6 +111,20 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
     lines.append("|" + "---|" * len(head))
     for label, cells in table:
         lines.append("| " + " | ".join([label, *cells]) + " |")
+    if "prune" in ctx.results:
+        p = ctx.results["prune"].metrics
+        target = ", ".join(f"{k} {v}" for k, v in p["target"].items())
+        lines += ["", "## Pruning", "",
+                  f"Importance `{p['importance']}`, target {target}: MACs {p['unpruned_macs'] / 1e6:.2f} M → "
+                  f"{p['macs'] / 1e6:.2f} M ({p['macs_reduction']:.1%} fewer), parameters {p['unpruned_params']:,} → "
+                  f"{p['params']:,}.", "",
+                  "| step | MACs | params | accuracy after pruning | accuracy after fine-tuning |", "|---|---|---|---|---|",
+                  f"| unpruned | {p['unpruned_macs'] / 1e6:.2f} M | {p['unpruned_params']:,} | {p['unpruned_accuracy']:.4f} | — |"]
+        for st in p["steps"]:
+            lines.append(f"| {st['step']} | {st['macs'] / 1e6:.2f} M | {st['params']:,} | {st['accuracy_after_pruning']:.4f} "
+                         f"| {st['accuracy_after_finetune']:.4f} |")
+        if p["left_whole"]:
+            lines += ["", "Left whole: " + "; ".join(p["left_whole"]) + "."]
     if "export" in ctx.results:
         lines += ["", "## ONNX parity (whole test split, onnxruntime vs PyTorch)", "",
                   "| model | file | max abs logit diff | argmax agreement | convolutions onnxruntime runs in int8 / float |",

@@ -133,6 +133,84 @@ def run_distill(ctx: RunContext, out: Path, work: Path) -> dict:
     }
 
 
+# -- prune -------------------------------------------------------------------------------------
+
+
+def student_stage(ctx: RunContext) -> str:
+    """The stage whose FP32 student quantization starts from: the pruned one when pruning runs."""
+    return "prune" if "prune" in ctx.cfg.stages else "distill"
+
+
+def run_prune(ctx: RunContext, out: Path, work: Path) -> dict:
+    from compress import prune as P
+    from compress.train import loader
+
+    cfg, data = ctx.cfg.prune, ctx.data
+    name = ctx.results["distill"].metrics["model"]
+    model = load_stage_model(ctx, "distill")
+    teacher = load_stage_model(ctx, "teacher")
+    size = data.image_size
+    base_macs, base_params = M.count_macs(model, size), M.count_params(model)
+    arch_before = P.architecture(model)
+    plan = P.plan(model, size, data.num_classes)
+    for part in plan.left_whole:
+        log(f"[prune] left whole: {part}")
+    by_macs = cfg.macs_target is not None
+    # a MACs budget is reached by fine sub-steps; a channel ratio in exactly iterative_steps steps
+    P.build_pruners(plan, cfg.importance, cfg.max_layer_ratio if by_macs else cfg.channel_ratio,
+                    30 if by_macs else cfg.iterative_steps, cfg.round_to, cfg.global_pruning)
+    loss = build_loss("kd", alpha=cfg.alpha, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
+    clean_train = _without_augmentation(data.train)
+
+    def taylor_grads() -> None:
+        x, y = next(iter(loader(clean_train, 128)))
+        model.eval()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    grad_fn = taylor_grads if cfg.importance == "taylor" else None
+    steps = []
+    for i in range(cfg.iterative_steps):
+        seed_everything(ctx.cfg.seed + i)
+        if by_macs:
+            goal = int(base_macs * (1.0 - (1.0 - cfg.macs_target) * (i + 1) / cfg.iterative_steps))
+            P.prune_to(model, plan, goal, size, grad_fn)
+        else:
+            if grad_fn is not None:
+                model.zero_grad(set_to_none=True)
+                grad_fn()
+            for u in plan.units:
+                u.pruner.step()
+        model.zero_grad(set_to_none=True)
+        pruned_logits, targets = predict(model, data.test)
+        row = {"step": i + 1, "macs": M.count_macs(model, size), "params": M.count_params(model),
+               "accuracy_after_pruning": M.accuracy(pruned_logits, targets)}
+        fit(model, data.train, data.val, cfg, loss, work / f"step{i + 1}", seed=ctx.cfg.seed + i,
+            batch_size=ctx.cfg.data.batch_size, teacher=teacher, desc=f"prune {name} step {i + 1}/{cfg.iterative_steps}")
+        tuned_logits, _ = predict(model, data.test)
+        row["accuracy_after_finetune"] = M.accuracy(tuned_logits, targets)
+        log(f"[prune] step {i + 1}: MACs {row['macs'] / base_macs:.1%} of the student, accuracy "
+            f"{row['accuracy_after_pruning']:.4f} after pruning, {row['accuracy_after_finetune']:.4f} after fine-tuning")
+        steps.append(row)
+    arch = P.architecture(model)
+    meta = {**_model_meta(name, ctx, "student_pruned"), "arch": arch}
+    save_checkpoint(model, out / MODEL_FILE, meta)
+    macs, params = M.count_macs(model, size), M.count_params(model)
+    return {
+        "model": name,
+        "importance": cfg.importance,
+        "target": {"macs_target": cfg.macs_target} if by_macs else {"channel_ratio": cfg.channel_ratio},
+        "unpruned_macs": base_macs, "macs": macs, "macs_reduction": 1.0 - macs / base_macs,
+        "unpruned_params": base_params, "params": params,
+        "unpruned_accuracy": ctx.results["distill"].metrics["test_accuracy"],
+        "accuracy_before_finetune": steps[-1]["accuracy_after_pruning"] if steps else None,
+        "test_accuracy": steps[-1]["accuracy_after_finetune"] if steps else ctx.results["distill"].metrics["test_accuracy"],
+        "steps": steps,
+        "pruned_units": [u.name for u in plan.units][:5] + (["..."] if len(plan.units) > 5 else []),
+        "left_whole": plan.left_whole,
+        "channels": P.channel_report(arch_before, arch),
+    }
+
+
 # -- quantize ----------------------------------------------------------------------------------
 
 
@@ -148,7 +226,8 @@ def run_quantize(ctx: RunContext, out: Path, work: Path) -> dict:
     from compress.train import loader
 
     cfg, data = ctx.cfg.quantize, ctx.data
-    student = load_stage_model(ctx, "distill")
+    source = student_stage(ctx)
+    student = load_stage_model(ctx, source)
     name = ctx.results["distill"].metrics["model"]
     seed_everything(ctx.cfg.seed)
     gm = prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size))
@@ -168,6 +247,8 @@ def run_quantize(ctx: RunContext, out: Path, work: Path) -> dict:
     qat_schedule(gm, 10**9, cfg.freeze_observers_after, cfg.freeze_bn_after)  # final state: all frozen
     gm.eval()
     meta = {**_model_meta(name, ctx, "student_int8"), "qat": True, "scheme": SCHEME}
+    if source == "prune":
+        meta["arch"] = read_json(ctx.stage_dir("prune") / "model.json")["arch"]
     save_checkpoint(gm, out / MODEL_FILE, meta)
     logits, _ = predict(gm, data.test)
     return {
@@ -178,7 +259,8 @@ def run_quantize(ctx: RunContext, out: Path, work: Path) -> dict:
         "loss": "kd" if cfg.distill else "ce",
         "fake_quant_accuracy_before_qat": M.accuracy(before_logits, targets),
         "test_accuracy": M.accuracy(logits, targets),
-        "fp32_accuracy": ctx.results["distill"].metrics["test_accuracy"],
+        "fp32_accuracy": ctx.results[source].metrics["test_accuracy"],
+        "from_stage": source,
         "history": result.history,
         "train_seconds": round(result.seconds, 2),
     }
@@ -200,6 +282,7 @@ def _without_augmentation(ds):
 ARTIFACTS = {
     "teacher": ("teacher", "teacher_fp32.onnx"),
     "student": ("distill", "model_fp32.onnx"),
+    "student_pruned": ("prune", "model_pruned_fp32.onnx"),
     "student_int8": ("quantize", "model_int8.onnx"),
     "student_int8_ptq": ("quantize", "model_int8_ptq.onnx"),
 }
@@ -207,6 +290,8 @@ ARTIFACTS = {
 
 def roles(ctx: RunContext) -> list[str]:
     out = ["teacher", "student"]
+    if "prune" in ctx.cfg.stages:
+        out.append("student_pruned")
     if "quantize" in ctx.cfg.stages:
         out.append("student_int8")
         if ctx.cfg.quantize.ptq_baseline:
@@ -237,7 +322,7 @@ def build_onnx(ctx: RunContext, role: str, size: int, path: Path, fp32_path: Pat
     from compress.quantize import export_qdq
 
     opset = ctx.cfg.export.opset
-    if role in ("teacher", "student"):
+    if role in ("teacher", "student", "student_pruned"):
         model = load_stage_model(ctx, ARTIFACTS[role][0])
         export_onnx(model, path, size, opset=opset)
         return model
@@ -263,9 +348,10 @@ def run_export(ctx: RunContext, out: Path, work: Path) -> dict:
     for role in roles(ctx):
         filename = ARTIFACTS[role][1]
         path = out / filename
-        model = build_onnx(ctx, role, data.image_size, path, fp32_path=out / ARTIFACTS["student"][1])
+        fp32_source = ARTIFACTS["student_pruned" if student_stage(ctx) == "prune" else "student"][1]
+        model = build_onnx(ctx, role, data.image_size, path, fp32_path=out / fp32_source)
         entry: dict = {"file": filename, "opset": cfg.opset}
-        if role in ("teacher", "student"):
+        if role in ("teacher", "student", "student_pruned"):
             entry["parity"] = parity(model, path, data.test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement)
             accuracy = entry["parity"]["onnx_accuracy"]
         else:
@@ -288,13 +374,14 @@ def run_export(ctx: RunContext, out: Path, work: Path) -> dict:
             "compress.mean": list(data.mean),
             "compress.std": list(data.std),
             "compress.class_names": data.class_names,
-            "compress.model": ctx.results[ARTIFACTS[role][0] if role != "student_int8_ptq" else "distill"].metrics["model"],
+            "compress.model": distill["model"] if role != "teacher" else distill["teacher"],
+            "compress.pruned": role != "teacher" and role != "student" and student_stage(ctx) == "prune",
             "compress.teacher": distill["teacher"],
             "compress.student": distill["model"],
             "compress.dataset": data.name,
             "compress.accuracy": round(accuracy, 6),
             "compress.distillation_factor": round(distill["distillation_factor"], 4),
-            "compress.precision": "fp32" if role in ("teacher", "student") else "int8",
+            "compress.precision": "int8" if "int8" in role else "fp32",
         }
         if role == "student_int8":
             props["compress.quantization"] = {**SCHEME, "method": "quantization-aware training"}
@@ -339,7 +426,7 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
     for role in roles(ctx):
         filename = ARTIFACTS[role][1]
         path = export_dir / filename
-        stage = ARTIFACTS[role][0] if role in ("teacher", "student") else "distill"
+        stage = ARTIFACTS[role][0] if "int8" not in role else student_stage(ctx)
         model = load_stage_model(ctx, stage)
         logits, targets = ort_predict(ort_session(path), data.test)
         logits_t = torch.from_numpy(logits)
@@ -349,7 +436,7 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
         row: dict = {
             "model": ctx.results[stage].metrics["model"],
             "file": filename,
-            "precision": "fp32" if role in ("teacher", "student") else "int8",
+            "precision": "int8" if "int8" in role else "fp32",
             "size_bytes": file_size(path),
             "params": fp32_params[role],
             "onnx_accuracy": float((logits.argmax(1) == targets).mean()),
@@ -364,7 +451,8 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
             bench_path = path
             if size != data.image_size:  # the artifact has a fixed spatial size; benchmark a copy at this one
                 bench_path = work / f"{role}_{size}.onnx"
-                build_onnx(ctx, role, size, bench_path, fp32_path=work / f"student_{size}.onnx")
+                fp32_role = "student_pruned" if student_stage(ctx) == "prune" else "student"
+                build_onnx(ctx, role, size, bench_path, fp32_path=work / f"{fp32_role}_{size}.onnx")
             for threads in cfg.threads:
                 lat = latency(bench_path, size, threads=threads, warmup=cfg.warmup, runs=cfg.runs)
                 row["latency"].append(lat)
@@ -376,8 +464,9 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
 
 register_stage(Stage("teacher", run_teacher, (), extra_identity=_teacher_identity))
 register_stage(Stage("distill", run_distill, ("teacher",)))
-register_stage(Stage("quantize", run_quantize, ("teacher", "distill"), version=3))
-register_stage(Stage("export", run_export, ("teacher", "distill", "quantize"), version=3))
+register_stage(Stage("prune", run_prune, ("teacher", "distill")))
+register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), version=3))
+register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=3))
 register_stage(Stage("bench", run_bench, ("export",), version=3))
 
 from compress.pipeline import STAGES as STAGES_BY_NAME  # noqa: E402
