@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calibration-images", type=int, default=64)
     ap.add_argument("--checkpoint", type=Path, default=None, help="a compress model.safetensors (one model only)")
     args = ap.parse_args()

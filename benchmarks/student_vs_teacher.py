@@ -49,7 +49,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     try:
         print(json.dumps(measure(args.run_dir, args.size, args.threads, args.runs, args.rounds), indent=2))

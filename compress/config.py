@@ -109,6 +109,7 @@ class PruneConfig(TrainConfig):
     (``channel_ratio``: the fraction of channels to remove), not both."""
 
     epochs: int = Field(3, ge=0, le=10_000, description="fine-tuning epochs after each pruning step")
+    final_epochs: int = Field(10, ge=0, le=10_000, description="extra fine-tuning epochs after the last step")
     lr: float = Field(0.01, gt=0.0, le=10.0)
     warmup_epochs: int = Field(0, ge=0)
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"

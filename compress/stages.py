@@ -184,7 +184,9 @@ def run_prune(ctx: RunContext, out: Path, work: Path) -> dict:
         pruned_logits, targets = predict(model, data.test)
         row = {"step": i + 1, "macs": M.count_macs(model, size), "params": M.count_params(model),
                "accuracy_after_pruning": M.accuracy(pruned_logits, targets)}
-        fit(model, data.train, data.val, cfg, loss, work / f"step{i + 1}", seed=ctx.cfg.seed + i,
+        last = i == cfg.iterative_steps - 1
+        step_cfg = cfg.model_copy(update={"epochs": cfg.epochs + (cfg.final_epochs if last else 0)})
+        fit(model, data.train, data.val, step_cfg, loss, work / f"step{i + 1}", seed=ctx.cfg.seed + i,
             batch_size=ctx.cfg.data.batch_size, teacher=teacher, desc=f"prune {name} step {i + 1}/{cfg.iterative_steps}")
         tuned_logits, _ = predict(model, data.test)
         row["accuracy_after_finetune"] = M.accuracy(tuned_logits, targets)
