@@ -138,3 +138,22 @@ def test_quantize_path_writes_an_int8_file_onnxruntime_runs_in_int8(cli, tiny_re
     assert r.returncode == 0, r.stderr
     again = cli("bench", out, "--runs", "3", "--threads", "1", "--dataset", "digits")
     assert json.loads(again.stdout)["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
+
+
+def test_prune_stage_shrinks_the_exported_student(cli, tiny_recipe, tmp_path):
+    art = tmp_path / "art"
+    recipe = tiny_recipe(stages=["teacher", "distill", "prune", "export"],
+                         prune={"iterative_steps": 2, "epochs": 0, "final_epochs": 1, "macs_target": 0.5})
+    r = cli("pipeline", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    run = art / "tiny"
+    metrics = json.loads((run / "prune" / "metrics.json").read_text())
+    assert metrics["macs_reduction"] >= 0.3 and len(metrics["steps"]) == 2
+    assert metrics["params"] < metrics["unpruned_params"]
+    pruned = (run / "export" / "model_pruned_fp32.onnx").stat().st_size
+    assert pruned < 0.8 * (run / "export" / "model_fp32.onnx").stat().st_size
+    assert "## Pruning" in (run / "report.md").read_text()
+    # the pruned checkpoint exports on its own: its architecture travels with it
+    out = tmp_path / "pruned.onnx"
+    assert cli("export", run / "prune" / "model.safetensors", "--out", out).returncode == 0
+    assert abs(out.stat().st_size - pruned) < 0.05 * pruned
