@@ -62,7 +62,7 @@ def fake_quant_bias(b: torch.Tensor, w_scale: torch.Tensor, input_fq: "ActFakeQu
                     force: bool = False) -> torch.Tensor:
     """The bias as the int8 graph holds it: int32 with scale s_input·s_weight (onnxruntime adds it to
     the integer accumulator). Without this, the PyTorch model and the int8 file round differently."""
-    if input_fq is None or not bool(input_fq.initialized) or not (input_fq.enabled or force):
+    if input_fq is None or not input_fq.ready or not (input_fq.enabled or force):
         return b
     s_x, _ = input_fq.qparams()
     scale = (w_scale.double() * s_x).float().double()
@@ -85,18 +85,30 @@ class ActFakeQuant(nn.Module):
         self.observe = True
         self.enabled = False
         self.accumulate = False  # calibration: the running min/max over everything seen
+        self._tied: list = []  # another ActFakeQuant whose scale and zero point this one uses
+
+    def tie(self, other: "ActFakeQuant") -> None:
+        """Share ``other``'s quantization parameters: for a slice, reshape or shuffle of a tensor that is
+        already quantized, whose values stay on the same int8 grid (what onnxruntime's quantizer does)."""
+        self._tied[:] = [other]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._tied[0].initialized) if self._tied else bool(self.initialized)
 
     def reset(self) -> None:
         self.initialized.fill_(False)
 
     def qparams(self) -> tuple[float, int]:
+        if self._tied:
+            return self._tied[0].qparams()
         lo, hi = min(float(self.min_val), 0.0), max(float(self.max_val), 0.0)
         scale = max((hi - lo) / (A_QMAX - A_QMIN), 1e-8)
         zp = int(min(max(round(A_QMIN - lo / scale), A_QMIN), A_QMAX))
         return scale, zp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observe:
+        if self.observe and not self._tied:
             with torch.no_grad():
                 lo, hi = torch.aminmax(x.detach())
                 if not bool(self.initialized):
@@ -109,7 +121,7 @@ class ActFakeQuant(nn.Module):
                 else:
                     self.min_val.lerp_(lo, self.momentum)
                     self.max_val.lerp_(hi, self.momentum)
-        if self.enabled and bool(self.initialized):
+        if self.enabled and self.ready:
             scale, zp = self.qparams()
             if torch.onnx.is_in_onnx_export():  # becomes QuantizeLinear/DequantizeLinear
                 return torch.fake_quantize_per_tensor_affine(x, scale, zp, A_QMIN, A_QMAX)
@@ -300,6 +312,29 @@ def _is_fusable_act(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (F.relu, F.relu6, torch.relu)
 
 
+_MOVE_FUNCS = {operator.getitem, torch.chunk, torch.split, torch.flatten, torch.reshape, torch.transpose,
+               torch.permute}
+_MOVE_METHODS = {"chunk", "split", "view", "reshape", "flatten", "transpose", "permute", "contiguous"}
+
+
+def _moves_data(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that only move values (slices, reshapes, shuffles): their output stays on the input's grid."""
+    if node.op == "call_function":
+        return node.target in _MOVE_FUNCS or getattr(node.target, "__name__", "") == "channel_shuffle"
+    if node.op == "call_method":
+        return node.target in _MOVE_METHODS
+    return isinstance(_module_of(gm, node), (nn.Identity, nn.Dropout, nn.Flatten))
+
+
+def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> ActFakeQuant | None:
+    """The quantizer a value-moving chain ending at ``node`` starts from, if any."""
+    while not isinstance(_module_of(gm, node), ActFakeQuant):
+        if not _moves_data(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return _module_of(gm, node)
+
+
 def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The nodes that read ``node``'s value, looking through modules that return their input unchanged
     in eval (Identity, Dropout)."""
@@ -369,7 +404,11 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
         if node in quantized:
             return quantized[node]
         name = new_name("act_fq")
-        gm.add_submodule(name, ActFakeQuant())
+        fq_module = ActFakeQuant()
+        source = _quantized_source(gm, node) if _moves_data(gm, node) else None
+        if source is not None:
+            fq_module.tie(source)
+        gm.add_submodule(name, fq_module)
         with gm.graph.inserting_after(node):
             fq = gm.graph.call_module(name, (node,))
         node.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
@@ -400,7 +439,11 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
             src = node.args[0]
             if isinstance(src, fx.Node) and no_op_source(src) not in quantized.values():
                 name = new_name("act_fq")
-                gm.add_submodule(name, ActFakeQuant())
+                fq_module = ActFakeQuant()
+                source = _quantized_source(gm, src)
+                if source is not None:
+                    fq_module.tie(source)
+                gm.add_submodule(name, fq_module)
                 with gm.graph.inserting_before(node):
                     fq = gm.graph.call_module(name, (src,))
                 node.replace_input_with(src, fq)

@@ -467,8 +467,8 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
 register_stage(Stage("teacher", run_teacher, (), extra_identity=_teacher_identity))
 register_stage(Stage("distill", run_distill, ("teacher",)))
 register_stage(Stage("prune", run_prune, ("teacher", "distill")))
-register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), version=3))
-register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=3))
-register_stage(Stage("bench", run_bench, ("export",), version=3))
+register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), version=4))
+register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=4))
+register_stage(Stage("bench", run_bench, ("export",), version=4))
 
 from compress.pipeline import STAGES as STAGES_BY_NAME  # noqa: E402
