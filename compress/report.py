@@ -34,6 +34,8 @@ def _rows(ctx: RunContext) -> list[dict]:
         m = res[stage].metrics if stage in res else {}
         b, e = bench.get(role, {}), export.get(role, {})
         distill = res["distill"].metrics if "distill" in res else {}
+        # quantized files keep the architecture they were made from: the pruned one when pruning ran
+        arch_src = res["prune"].metrics if "prune" in res and role != "student" else distill
         review = b.get("review") or (distill if role == "student" else {})
         rows.append({
             "role": role,
@@ -41,8 +43,8 @@ def _rows(ctx: RunContext) -> list[dict]:
             "model": b.get("model") or m.get("model") or distill.get("model"),
             "precision": b.get("precision", "int8" if "int8" in role else "fp32"),
             # quantization keeps the student's architecture: its parameter and MAC counts are the student's
-            "params": b.get("params", m.get("params", distill.get("params"))),
-            "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs", distill.get("macs"))),
+            "params": b.get("params", m.get("params", arch_src.get("params"))),
+            "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs", arch_src.get("macs"))),
             "macs_by_size": b.get("macs", {}),
             "torch_accuracy": m.get("test_accuracy"),
             "onnx_accuracy": b.get("onnx_accuracy", e.get("onnx_accuracy")),
