@@ -468,7 +468,7 @@ register_stage(Stage("teacher", run_teacher, (), extra_identity=_teacher_identit
 register_stage(Stage("distill", run_distill, ("teacher",)))
 register_stage(Stage("prune", run_prune, ("teacher", "distill")))
 register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), version=4))
-register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=4))
-register_stage(Stage("bench", run_bench, ("export",), version=4))
+register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=5))
+register_stage(Stage("bench", run_bench, ("export",), version=5))
 
 from compress.pipeline import STAGES as STAGES_BY_NAME  # noqa: E402
