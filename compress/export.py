@@ -74,6 +74,14 @@ def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
             proto.metadata_props.add(key=k, value=text)
 
 
+def update_metadata(path: Path, metadata: dict) -> None:
+    """Set ``metadata_props`` of an ONNX file in place (atomically)."""
+    proto = onnx.load(str(path))
+    set_metadata(proto, metadata)
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}

@@ -578,21 +578,14 @@ def export_qdq(gm: fx.GraphModule, path: Path, image_size: int, opset: int = 18,
     """Write the int8 QDQ ONNX file of a fake-quant model; returns what was stored as integers."""
     import tempfile
 
-    from compress.export import export_onnx, set_metadata
+    from compress.export import export_onnx, update_metadata
     from compress.int8 import finalize_qdq
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = export_onnx(to_export(gm), Path(tmp) / "qdq.onnx", image_size, opset=opset, exporters=("torchscript",))
         info = finalize_qdq(raw, path)
     if metadata:
-        import onnx
-
-        from compress.fsio import atomic_path
-
-        proto = onnx.load(str(path))
-        set_metadata(proto, metadata)
-        with atomic_path(path) as t:
-            onnx.save(proto, str(t))
+        update_metadata(path, metadata)
     return info
 
 

@@ -13,7 +13,7 @@ from compress import metrics as M
 from compress.bench import file_size, latency
 from compress.distill import build_loss
 from compress.errors import CompressError
-from compress.export import export_onnx, parity
+from compress.export import export_onnx, parity, update_metadata
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, write_json
 from compress.models import (REGISTRY, create_model, load_checkpoint, load_weights, resolve_name,
                              save_checkpoint)
@@ -390,7 +390,7 @@ def run_export(ctx: RunContext, out: Path, work: Path) -> dict:
         elif role == "student_int8_ptq":
             props["compress.quantization"] = {**SCHEME, "method": "onnxruntime quantize_static (min/max calibration)",
                                               "bias": "int32"}
-        _rewrite_metadata(path, props)
+        update_metadata(path, props)
         p = entry.get("parity")
         log(f"[export] {filename}: " + (f"max |Δlogit| {p['max_abs_logit_diff']:.2e}, agreement {p['argmax_agreement']:.2%}, "
                                         if p else "") + f"onnx accuracy {accuracy:.4f}")
@@ -398,18 +398,6 @@ def run_export(ctx: RunContext, out: Path, work: Path) -> dict:
         entry["onnx_accuracy"] = accuracy
         result[role] = entry
     return result
-
-
-def _rewrite_metadata(path: Path, props: dict) -> None:
-    import onnx
-
-    from compress.export import set_metadata
-    from compress.fsio import atomic_path
-
-    proto = onnx.load(str(path))
-    set_metadata(proto, props)
-    with atomic_path(path) as tmp:
-        onnx.save(proto, str(tmp))
 
 
 # -- bench -------------------------------------------------------------------------------------
