@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= mobilenet
 ARGS   ?=
 
-.PHONY: pipeline test smoke venv clean
+.PHONY: pipeline compare test smoke venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 pipeline: $(STAMP)
 	@test -f pipelines/$(MODEL).yaml || { echo "no recipe pipelines/$(MODEL).yaml; recipes: $$(ls pipelines | sed 's/\.yaml//' | tr '\n' ' ')" >&2; exit 2; }
 	$(VENV)/bin/compress pipeline pipelines/$(MODEL).yaml $(ARGS)
+
+compare: $(STAMP)
+	$(VENV)/bin/compress compare pipelines/methods.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -128,6 +128,35 @@ def models(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'mobil
         typer.echo(f"{s.name:<24}{s.role:<9}{s.source:<13}{n:>20,}  {alias_of.get(s.name, '')}")
 
 
+@app.command()
+def methods() -> None:
+    """List the distillation methods (distill.method in a recipe) with a line each."""
+    from compress.distill.methods import METHODS, summary
+
+    width = max(map(len, METHODS)) + 2
+    needs = {"none": "no teacher", "one": "teacher", "many": "several teachers"}
+    for name, cls in METHODS.items():
+        need = "teacher + assistant" if cls.uses_assistant else needs[cls.teachers]
+        typer.echo(f"{name:<{width}}{need:<21}{summary(cls)}")
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Argument(Path("pipelines/methods.yaml"), help="recipe with a compare section"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a recipe value: section.key=value (repeatable)"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="where runs are written"),
+    force: bool = typer.Option(False, "--force", help="retrain every method even if unchanged"),
+) -> None:
+    """Train the recipe's student with each listed distillation method on the same data and budget;
+    writes a table (accuracy, relative error, KL, correlation, time per epoch) to the run's report."""
+    from compress.compare import run_compare
+    from compress.config import load_recipe
+
+    cfg = load_recipe(recipe, list(set_))
+    run_compare(cfg, artifacts=artifacts, force=force)
+    typer.echo((artifacts / cfg.name / "report.md").read_text())
+
+
 def _click_exceptions():
     """Recent typer releases carry their own copy of click; older ones use click itself."""
     try:

@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.errors import CompressError, ConfigError
 
-STAGE_ORDER = ("teacher", "distill", "prune", "quantize", "export", "bench")
-# what each stage reads; prune and quantize are optional for the stages after them
-STAGE_NEEDS = {"teacher": (), "distill": ("teacher",), "prune": ("distill",), "quantize": ("distill",),
-               "export": ("distill",), "bench": ("export",)}
+STAGE_ORDER = ("teacher", "assistant", "distill", "prune", "quantize", "export", "bench")
+# what each stage reads; prune and quantize are optional for the stages after them. The assistant
+# stage runs when the distillation method needs one (it is added to the stages by itself).
+STAGE_NEEDS = {"teacher": (), "assistant": ("teacher",), "distill": ("teacher",), "prune": ("distill",),
+               "quantize": ("distill",), "export": ("distill",), "bench": ("export",)}
 
 
 class _Strict(BaseModel):
@@ -83,23 +84,38 @@ class TeacherConfig(TrainConfig):
 
 
 class DistillConfig(TrainConfig):
-    """The student and the distillation loss (a name from ``compress methods``)."""
+    """The student and the distillation method (a name from ``compress methods``). ``alpha`` and
+    ``temperature`` are those of equation (1), used by the methods built on it (kd, multi_teacher, ta);
+    ``params`` holds the chosen method's own settings."""
 
     student: str = "mobilenet"
-    loss: str = "kd"
-    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term; 0 = from scratch")
+    method: str = "kd"
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term of eq. (1)")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
+    params: dict[str, Any] = Field({}, description="the method's own settings; see compress methods")
 
     _student = field_validator("student")(_model_name)
 
-    @field_validator("loss")
+    @field_validator("method")
     @classmethod
-    def _known_loss(cls, v: str) -> str:
-        from compress.distill.losses import LOSSES
+    def _known_method(cls, v: str) -> str:
+        from compress.distill.methods import METHODS
 
-        if v not in LOSSES:
-            raise ValueError(f"unknown distillation loss {v!r}; valid: {', '.join(LOSSES)}")
+        if v not in METHODS:
+            raise ValueError(f"unknown distillation method {v!r}; valid: {', '.join(METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _method_params(self) -> "DistillConfig":
+        from compress.distill.methods import validate_params
+
+        validate_params(self.method, self.params)
+        return self
+
+    def method_params(self):
+        from compress.distill.methods import validate_params
+
+        return validate_params(self.method, self.params)
 
 
 class PruneConfig(TrainConfig):
@@ -175,10 +191,40 @@ class BenchConfig(_Strict):
         return v
 
 
+class CompareConfig(_Strict):
+    """``compress compare``: the same student trained with each of ``methods`` on the same data and
+    budget (the recipe's teacher and distill sections), one run per method."""
+
+    methods: list[str] = Field(..., min_length=1)
+    params: dict[str, dict[str, Any]] = Field({}, description="per method: its distill.params")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        from compress.distill.methods import METHODS
+
+        for m in v:
+            if m not in METHODS:
+                raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("each method may appear once")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "CompareConfig":
+        from compress.distill.methods import validate_params
+
+        for m, p in self.params.items():
+            if m not in self.methods:
+                raise ValueError(f"params.{m}: not one of the compared methods")
+            validate_params(m, p)
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
-    stages: list[str] = Field(list(STAGE_ORDER))
+    stages: list[str] = Field([s for s in STAGE_ORDER if s != "assistant"])
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
@@ -186,6 +232,33 @@ class PipelineConfig(_Strict):
     quantize: QuantizeConfig = QuantizeConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
+    compare: CompareConfig | None = Field(None, description="used by compress compare only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _add_assistant(cls, raw: Any) -> Any:
+        """A method that distills through an assistant gets the assistant stage before distill."""
+        if not isinstance(raw, dict):
+            return raw
+        from compress.distill.methods import METHODS
+
+        stages = raw.get("stages", [s for s in STAGE_ORDER if s != "assistant"])
+        distill = raw.get("distill")
+        method = distill.get("method", "kd") if isinstance(distill, dict) else getattr(distill, "method", "kd")
+        if (isinstance(stages, list) and "distill" in stages and "assistant" not in stages
+                and method in METHODS and METHODS[method].uses_assistant):
+            i = stages.index("distill")
+            raw = {**raw, "stages": stages[:i] + ["assistant"] + stages[i:]}
+        return raw
+
+    @model_validator(mode="after")
+    def _assistant_needs_method(self) -> "PipelineConfig":
+        from compress.distill.methods import METHODS
+
+        if "assistant" in self.stages and not METHODS[self.distill.method].uses_assistant:
+            raise ValueError(f"stage 'assistant' runs only for a method with an assistant (ta), "
+                             f"not {self.distill.method!r}")
+        return self
 
     @field_validator("stages")
     @classmethod

@@ -58,6 +58,7 @@ class Stage:
     upstream: tuple[str, ...]
     extra_identity: Callable[[RunContext], dict] | None = None
     version: int = 1  # bump when the stage's code changes what it writes
+    config: Callable[[RunContext], dict] | None = None  # default: the recipe section named like the stage
 
 
 STAGES: dict[str, Stage] = {}
@@ -71,7 +72,7 @@ def fingerprint(ctx: RunContext, stage: Stage) -> str:
     ident = {
         "stage": stage.name,
         "format": FORMAT_VERSION,
-        "config": getattr(ctx.cfg, stage.name).model_dump(mode="json"),
+        "config": stage.config(ctx) if stage.config else getattr(ctx.cfg, stage.name).model_dump(mode="json"),
         "data": data_identity(ctx.cfg.data),
         "seed": ctx.cfg.seed,
         "upstream": {u: ctx.results[u].fingerprint for u in stage.upstream if u in ctx.results},
@@ -135,11 +136,12 @@ def preflight(ctx: RunContext) -> None:
         load_state_dict_file(Path(ctx.cfg.teacher.checkpoint).expanduser())
 
 
-def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False) -> RunContext:
+def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False,
+                 cache_dir: Path | None = None) -> RunContext:
     from compress import report, stages  # noqa: F401  (registers the stages)
 
     run_dir = artifacts / cfg.name
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=artifacts / ".cache", force=force)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force)
     preflight(ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in cfg.stages:

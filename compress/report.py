@@ -79,7 +79,10 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
                  f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
     if "distill" in ctx.results:
         m = ctx.results["distill"].metrics
-        lines.append(f"Distillation: loss `{m['loss']}`, α = {m['alpha']}, T = {m['temperature']}.")
+        params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
+        lines.append(f"Distillation: method `{m['method']}`, α = {m['alpha']}, T = {m['temperature']}"
+                     + (f"; {params}" if params else "") + (f"; assistant `{m['assistant']}`" if m.get("assistant") else "")
+                     + ".")
     lines += ["", "## Teacher vs student", ""]
     settings = []
     for row in rows:

@@ -11,7 +11,7 @@ import torch
 
 from compress import metrics as M
 from compress.bench import file_size, latency
-from compress.distill import build_loss
+from compress.distill import HintonKD
 from compress.errors import CompressError
 from compress.export import export_onnx, parity, update_metadata
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, write_json
@@ -38,48 +38,83 @@ def _evaluate(model: torch.nn.Module, ctx: RunContext) -> dict:
 # -- teacher -----------------------------------------------------------------------------------
 
 
+def _extra_teachers(ctx: RunContext) -> list[str]:
+    """Teachers besides ``teacher.model`` that the distillation method needs (multi-teacher KD)."""
+    from compress.distill.methods import METHODS
+
+    if METHODS[ctx.cfg.distill.method].teachers != "many":
+        return []
+    return list(ctx.cfg.distill.method_params().teachers)
+
+
 def _teacher_identity(ctx: RunContext) -> dict:
+    ident: dict = {}
     ckpt = ctx.cfg.teacher.checkpoint
-    if not ckpt:
-        return {}
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise CompressError(f"teacher checkpoint not found: {path}")
-    return {"checkpoint_sha256": sha256_file(path)}
+    if ckpt:
+        path = Path(ckpt).expanduser()
+        if not path.is_file():
+            raise CompressError(f"teacher checkpoint not found: {path}")
+        ident["checkpoint_sha256"] = sha256_file(path)
+    if _extra_teachers(ctx):
+        ident["extra_teachers"] = _extra_teachers(ctx)
+    return ident
+
+
+def _teacher_cache_key(ctx: RunContext, name: str) -> str:
+    """A teacher trained from scratch is reused by every run with the same model, training settings,
+    data and seed."""
+    from compress.data import data_identity
+    from compress.fsio import sha256_json
+    from compress.pipeline import FORMAT_VERSION
+
+    cfg = ctx.cfg.teacher.model_copy(update={"model": name, "checkpoint": None})
+    return sha256_json({"stage": "teacher", "format": FORMAT_VERSION, "config": cfg.model_dump(mode="json"),
+                        "data": data_identity(ctx.cfg.data), "seed": ctx.cfg.seed, "upstream": {}, "extra": {}})
+
+
+def _train_teacher(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[torch.nn.Module | None, dict]:
+    """Train ``name`` as a teacher into ``out`` or link it from the cache; returns (model or None if
+    cached, metrics)."""
+    cfg, data = ctx.cfg.teacher, ctx.data
+    cache = ctx.cache_dir / "teachers" / _teacher_cache_key(ctx, name)
+    if not ctx.force and (cache / "metrics.json").is_file():
+        log(f"[teacher] reusing cached {name} from {cache}")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in (MODEL_FILE, "model.json"):
+            link_or_copy(cache / f, out / f)
+        return None, {**read_json(cache / "metrics.json"), "source": f"cache {cache}", "cached": True}
+    seed_everything(ctx.cfg.seed)
+    model = create_model(name, data.num_classes, pretrained=cfg.pretrained)
+    info: dict = {"model": name, "source": "timm pretrained, fine-tuned" if cfg.pretrained else "trained from scratch"}
+    loss = HintonKD(alpha=0.0, label_smoothing=cfg.label_smoothing)
+    train_cfg = cfg.model_copy(update={"lr": cfg.lr * REGISTRY[name].lr_scale})
+    info["lr"] = train_cfg.lr
+    result = fit(model, data.train, data.val, train_cfg, loss, work, seed=ctx.cfg.seed,
+                 batch_size=ctx.cfg.data.batch_size, desc=f"teacher {name}")
+    info["history"] = result.history
+    info["train_seconds"] = round(result.seconds, 2)
+    save_checkpoint(model, out / MODEL_FILE, _model_meta(name, ctx, "teacher"))
+    info.update(_evaluate(model, ctx))
+    _store_cache(out, info, cache)
+    return model, {**info, "cached": False}
 
 
 def run_teacher(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.teacher, ctx.data
     name = resolve_name(cfg.model)
-    meta = _model_meta(name, ctx, "teacher")
-    info: dict = {"model": name}
     if cfg.checkpoint:
         model = load_weights(create_model(name, data.num_classes), Path(cfg.checkpoint).expanduser())
-        save_checkpoint(model, out / MODEL_FILE, meta)
-        info["source"] = f"checkpoint {cfg.checkpoint}"
+        save_checkpoint(model, out / MODEL_FILE, _model_meta(name, ctx, "teacher"))
+        info = {"model": name, "source": f"checkpoint {cfg.checkpoint}", **_evaluate(model, ctx), "cached": False}
     else:
-        cache = ctx.cache_dir / "teachers" / fingerprint(ctx, STAGES_BY_NAME["teacher"])
-        if not ctx.force and (cache / "metrics.json").is_file():
-            log(f"[teacher] reusing cached {name} from {cache}")
-            for f in (MODEL_FILE, "model.json"):
-                link_or_copy(cache / f, out / f)
-            cached = read_json(cache / "metrics.json")
-            return {**cached, "source": f"cache {cache}", "cached": True}
-        seed_everything(ctx.cfg.seed)
-        model = create_model(name, data.num_classes, pretrained=cfg.pretrained)
-        info["source"] = "timm pretrained, fine-tuned" if cfg.pretrained else "trained from scratch"
-        loss = build_loss("kd", alpha=0.0, label_smoothing=cfg.label_smoothing)
-        train_cfg = cfg.model_copy(update={"lr": cfg.lr * REGISTRY[name].lr_scale})
-        info["lr"] = train_cfg.lr
-        result = fit(model, data.train, data.val, train_cfg, loss, work, seed=ctx.cfg.seed,
-                     batch_size=ctx.cfg.data.batch_size, desc=f"teacher {name}")
-        info["history"] = result.history
-        info["train_seconds"] = round(result.seconds, 2)
-        save_checkpoint(model, out / MODEL_FILE, meta)
-    info.update(_evaluate(model, ctx))
-    if not cfg.checkpoint:
-        _store_cache(out, info, ctx.cache_dir / "teachers" / fingerprint(ctx, STAGES_BY_NAME["teacher"]))
-    return {**info, "cached": False}
+        _, info = _train_teacher(ctx, name, out, work / name)
+    extras = {}
+    for extra in _extra_teachers(ctx):
+        _, extras[extra] = _train_teacher(ctx, extra, out / "teachers" / extra, work / extra)
+        extras[extra].pop("history", None)
+    if extras:
+        info["extra_teachers"] = extras
+    return info
 
 
 def _store_cache(out: Path, info: dict, cache: Path) -> None:
@@ -98,34 +133,100 @@ def load_stage_model(ctx: RunContext, stage: str) -> torch.nn.Module:
     return model
 
 
+def load_teachers(ctx: RunContext) -> list[torch.nn.Module]:
+    """The teachers the distillation method learns from, the pipeline's teacher first."""
+    from compress.distill.methods import METHODS
+
+    kind = METHODS[ctx.cfg.distill.method]
+    if kind.teachers == "none":
+        return []
+    if kind.uses_assistant:
+        return [load_stage_model(ctx, "assistant")]
+    teachers = [load_stage_model(ctx, "teacher")]
+    for extra in _extra_teachers(ctx):
+        teachers.append(load_checkpoint(ctx.stage_dir("teacher") / "teachers" / extra / MODEL_FILE)[0])
+    return teachers
+
+
 # -- distill -----------------------------------------------------------------------------------
 
 
+def _assistant_config(ctx: RunContext) -> dict:
+    d = ctx.cfg.distill
+    train = {k: v for k, v in d.model_dump(mode="json").items() if k not in ("student", "method", "params")}
+    return {"assistant": d.method_params().assistant, **train}
+
+
+def run_assistant(ctx: RunContext, out: Path, work: Path) -> dict:
+    """The teacher assistant (Mirzadeh et al. 2020): distilled from the teacher with Hinton KD and the
+    distill stage's training settings; the student is then distilled from it."""
+    cfg, data = ctx.cfg.distill, ctx.data
+    name = cfg.method_params().assistant
+    teacher = load_stage_model(ctx, "teacher")
+    seed_everything(ctx.cfg.seed)
+    model = create_model(name, data.num_classes)
+    loss = HintonKD(alpha=cfg.alpha, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
+    result = fit(model, data.train, data.val, cfg, loss, work, seed=ctx.cfg.seed, batch_size=ctx.cfg.data.batch_size,
+                 teacher=teacher, desc=f"assistant {name}")
+    save_checkpoint(model, out / MODEL_FILE, {**_model_meta(name, ctx, "assistant"),
+                                              "teacher": ctx.results["teacher"].metrics["model"]})
+    return {"model": name, **_review(ctx, teacher, model), "history": result.history,
+            "train_seconds": round(result.seconds, 2)}
+
+
+def _review(ctx: RunContext, teacher: torch.nn.Module, student: torch.nn.Module) -> dict:
+    data = ctx.data
+    s_logits, targets = predict(student, data.test)
+    t_logits, _ = predict(teacher, data.test)
+    review = M.review_metrics(t_logits, s_logits, targets, M.count_params(teacher), M.count_params(student))
+    return {**review, "test_accuracy": review["accuracy"], "params": M.count_params(student),
+            "macs": M.count_macs(student, data.image_size)}
+
+
 def run_distill(ctx: RunContext, out: Path, work: Path) -> dict:
+    from compress.distill.methods import build_method
+
     cfg, data = ctx.cfg.distill, ctx.data
     name = resolve_name(cfg.student)
     teacher = load_stage_model(ctx, "teacher")
     seed_everything(ctx.cfg.seed)
     student = create_model(name, data.num_classes)
-    loss = build_loss(cfg.loss, alpha=cfg.alpha, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
-    result = fit(student, data.train, data.val, cfg, loss, work, seed=ctx.cfg.seed,
-                 batch_size=ctx.cfg.data.batch_size, teacher=teacher, desc=f"distill {name}")
+
+    def make_model(model_name: str, k: int) -> torch.nn.Module:
+        seed_everything(ctx.cfg.seed + 1000 * k)  # each peer its own initialization
+        return create_model(model_name, data.num_classes)
+
+    objective = build_method(cfg.method, cfg.params, alpha=cfg.alpha, temperature=cfg.temperature,
+                             label_smoothing=cfg.label_smoothing)
+    objective.bind(student, load_teachers(ctx), image_size=data.image_size, train_ds=data.train,
+                   make_model=make_model, student_name=name)
+    result = fit(student, data.train, data.val, cfg, objective, work, seed=ctx.cfg.seed,
+                 batch_size=ctx.cfg.data.batch_size, desc=f"distill {name} ({cfg.method})")
+    info: dict = {}
+    peers = objective.candidates()
+    if peers:  # mutual learning: continue with the chosen peer
+        names = [name] + list(objective.peer_names)
+        val = [M.accuracy(*predict(m, data.val)) for m in [student] + peers]
+        pick = 0 if objective.p.keep == "student" else max(range(len(val)), key=lambda i: (val[i], -i))
+        info["peers"] = [{"model": n, "val_accuracy": v, "test_accuracy": M.accuracy(*predict(m, data.test))}
+                         for n, v, m in zip(names, val, [student] + peers)]
+        info["chosen_peer"] = pick
+        student, name = ([student] + peers)[pick], names[pick]
+        log(f"[distill] continuing with peer {pick} ({name}, val accuracy {val[pick]:.4f})")
     meta = {**_model_meta(name, ctx, "student"), "teacher": ctx.results["teacher"].metrics["model"],
-            "loss": cfg.loss, "alpha": cfg.alpha, "temperature": cfg.temperature}
+            "method": cfg.method, "alpha": cfg.alpha, "temperature": cfg.temperature}
     save_checkpoint(student, out / MODEL_FILE, meta)
-    s_logits, targets = predict(student, data.test)
-    t_logits, _ = predict(teacher, data.test)
-    review = M.review_metrics(t_logits, s_logits, targets, M.count_params(teacher), M.count_params(student))
+    if "assistant" in ctx.results:
+        info["assistant"] = ctx.results["assistant"].metrics["model"]
     return {
         "model": name,
         "teacher": ctx.results["teacher"].metrics["model"],
-        "loss": cfg.loss,
+        "method": cfg.method,
+        "method_params": objective.p.model_dump(mode="json"),
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,
-        **review,
-        "test_accuracy": review["accuracy"],
-        "params": M.count_params(student),
-        "macs": M.count_macs(student, data.image_size),
+        **info,
+        **_review(ctx, teacher, student),
         "history": result.history,
         "resumed_from_epoch": result.resumed_from_epoch,
         "train_seconds": round(result.seconds, 2),
@@ -159,7 +260,7 @@ def run_prune(ctx: RunContext, out: Path, work: Path) -> dict:
     # a MACs budget is reached by fine sub-steps; a channel ratio in exactly iterative_steps steps
     P.build_pruners(plan, cfg.importance, cfg.max_layer_ratio if by_macs else cfg.channel_ratio,
                     30 if by_macs else cfg.iterative_steps, cfg.round_to, cfg.global_pruning)
-    loss = build_loss("kd", alpha=cfg.alpha, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
+    loss = HintonKD(alpha=cfg.alpha, temperature=cfg.temperature, label_smoothing=cfg.label_smoothing)
     clean_train = _without_augmentation(data.train)
 
     def taylor_grads() -> None:
@@ -453,7 +554,8 @@ def run_bench(ctx: RunContext, out: Path, work: Path) -> dict:
 
 
 register_stage(Stage("teacher", run_teacher, (), extra_identity=_teacher_identity))
-register_stage(Stage("distill", run_distill, ("teacher",)))
+register_stage(Stage("assistant", run_assistant, ("teacher",), config=_assistant_config))
+register_stage(Stage("distill", run_distill, ("teacher", "assistant")))
 register_stage(Stage("prune", run_prune, ("teacher", "distill")))
 register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), version=4))
 register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=5))

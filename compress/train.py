@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from compress.config import TrainConfig
 from compress.distill.losses import DistillLoss
+from compress.distill.methods import LogitLoss, Objective
 from compress.errors import CompressError
 
 CHECKPOINT = "last.pt"
@@ -112,7 +113,7 @@ def fit(
     train_ds: Dataset,
     val_ds: Dataset,
     cfg: TrainConfig,
-    loss_fn: DistillLoss,
+    loss_fn: DistillLoss | Objective,
     work_dir: Path,
     *,
     seed: int,
@@ -122,16 +123,34 @@ def fit(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place for ``cfg.epochs``; resume from ``work_dir/last.pt`` if present."""
+    """Train ``model`` in place for ``cfg.epochs``; resume from ``work_dir/last.pt`` if present.
+
+    ``loss_fn`` is a distillation method's objective (bound to its teachers already), or a loss of
+    logits used with ``teacher``. What the objective trains besides the model (regressors, peers) is
+    optimized and checkpointed with it; its hooks are removed when training ends."""
     device = pick_device(cfg.device)
     model.to(device)
-    if loss_fn.needs_teacher:
-        if teacher is None:
-            raise CompressError(f"{desc}: the loss needs a teacher and none was given")
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    optimizer = make_optimizer(model, cfg)
+    if isinstance(loss_fn, Objective):
+        objective = loss_fn
+    else:
+        objective = LogitLoss(loss_fn)
+        if loss_fn.needs_teacher:
+            if teacher is None:
+                raise CompressError(f"{desc}: the loss needs a teacher and none was given")
+            objective.bind(model, [teacher.to(device)], image_size=0)
+    for t in objective._teachers:
+        t.to(device)
+    objective.to(device)
+    try:
+        return _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, seed=seed, batch_size=batch_size,
+                    desc=desc, on_epoch_end=on_epoch_end, on_epoch_start=on_epoch_start)
+    finally:
+        objective.release()
+
+
+def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, batch_size, desc, on_epoch_end,
+         on_epoch_start) -> FitResult:
+    optimizer = make_optimizer(nn.ModuleList([model, objective]), cfg)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / CHECKPOINT
     result = FitResult()
@@ -140,6 +159,7 @@ def fit(
         try:
             state = torch.load(ckpt_path, map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
+            objective.load_state_dict(state.get("objective", {}))
             optimizer.load_state_dict(state["optimizer"])
             start, result.history = int(state["epoch"]), list(state["history"])
         except Exception:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
@@ -155,6 +175,8 @@ def fit(
         batches = loader(train_ds, batch_size, shuffle=True, generator=gen)
         steps = len(batches)
         model.train()
+        objective.train()
+        objective.set_epoch(epoch, cfg.epochs)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         total_loss, correct, seen = 0.0, 0, 0
@@ -163,12 +185,7 @@ def fit(
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, epoch, step, steps)
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            t_logits = None
-            if loss_fn.needs_teacher:
-                with torch.no_grad():
-                    t_logits = teacher(x)
-            loss = loss_fn(logits, y, t_logits)
+            loss, logits = objective(model, x, y)
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -186,12 +203,14 @@ def fit(
         _log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
              f"val_acc {row['val_acc']:.4f} ({n_train} images)")
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _save_state(ckpt_path, {"model": model_state, "optimizer": optimizer.state_dict(),
+        extra_state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
+        _save_state(ckpt_path, {"model": model_state, "objective": extra_state, "optimizer": optimizer.state_dict(),
                                 "epoch": epoch + 1, "history": result.history})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
     result.seconds = time.perf_counter() - t0
     model.eval()
+    objective.eval()
     return result
 
 

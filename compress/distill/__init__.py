@@ -1,5 +1,7 @@
-"""Distillation: a registry of losses, each a small ``nn.Module`` whose docstring carries its formula."""
+"""Distillation: the methods' formulas (``losses``), feature taps (``taps``) and the registry of
+methods (``methods``), each an objective the training loop minimizes."""
 
-from compress.distill.losses import LOSSES, DistillLoss, HintonKD, build_loss
+from compress.distill.losses import DistillLoss, HintonKD
+from compress.distill.methods import METHODS, Objective, build_method, summary
 
-__all__ = ["LOSSES", "DistillLoss", "HintonKD", "build_loss"]
+__all__ = ["METHODS", "DistillLoss", "HintonKD", "Objective", "build_method", "summary"]

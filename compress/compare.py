@@ -1,0 +1,90 @@
+"""``compress compare``: one student, one teacher, one budget, every method of a list; each method is
+its own pipeline run (teacher → [assistant →] distill) under ``artifacts/<name>/<method>/`` so reruns skip
+and killed runs resume, and the teacher is trained once (the shared teacher cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.config import PipelineConfig, validate_recipe
+from compress.distill.methods import METHODS, summary
+from compress.errors import ConfigError
+from compress.fsio import write_json, write_text
+from compress.pipeline import log, run_pipeline
+
+
+def method_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
+    assert cfg.compare is not None
+    raw = cfg.model_dump(mode="json")
+    raw.pop("compare")
+    raw["name"] = method
+    raw["stages"] = ["teacher", "distill"]
+    raw["distill"]["method"] = method
+    raw["distill"]["params"] = cfg.compare.params.get(method, {})
+    return validate_recipe(raw, f"compare.{method}")
+
+
+def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False) -> dict:
+    if cfg.compare is None:
+        raise ConfigError(f"recipe {cfg.name!r} has no compare section (compare.methods: [scratch, kd, ...])")
+    out_dir = artifacts / cfg.name
+    rows = []
+    for i, method in enumerate(cfg.compare.methods):
+        log(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
+        ctx = run_pipeline(method_config(cfg, method), artifacts=out_dir, force=force, cache_dir=artifacts / ".cache")
+        m = ctx.results["distill"].metrics
+        extra = {}
+        if "assistant" in ctx.results:
+            a = ctx.results["assistant"].metrics
+            extra = {"assistant": a["model"], "assistant_accuracy": a["test_accuracy"],
+                     "assistant_train_seconds": a.get("train_seconds")}
+        if "extra_teachers" in ctx.results["teacher"].metrics:
+            extra["teachers"] = [ctx.results["teacher"].metrics["model"], *ctx.results["teacher"].metrics["extra_teachers"]]
+        if "peers" in m:
+            extra["peers"] = m["peers"]
+        rows.append({
+            "method": method, "summary": summary(METHODS[method]), "model": m["model"], "teacher": m["teacher"],
+            "accuracy": m["accuracy"], "teacher_accuracy": m["teacher_accuracy"],
+            "relative_error": m["relative_error"], "distillation_factor": m["distillation_factor"],
+            "kl_teacher_student": m["kl_teacher_student"], "correlation": m["correlation"],
+            "seconds_per_epoch": m["seconds_per_epoch"], "train_seconds": m["train_seconds"],
+            "final_loss": m["history"][-1]["loss"] if m["history"] else None, "params": m["params"],
+            "method_params": m.get("method_params", {}), **extra,
+        })
+    d = ctx.data.describe()
+    result = {"name": cfg.name, "student": rows[0]["model"], "teacher": rows[0]["teacher"], "dataset": d,
+              "epochs": cfg.distill.epochs, "rows": rows}
+    write_json(out_dir / "compare.json", result)
+    write_text(out_dir / "report.md", markdown(cfg, result))
+    log(f"[compare] table: {out_dir / 'report.md'}")
+    return result
+
+
+def markdown(cfg: PipelineConfig, result: dict) -> str:
+    d = result["dataset"]
+    rows = result["rows"]
+    lines = [f"# Distillation methods compared: `{cfg.name}`", "",
+             f"Student `{result['student']}` from teacher `{result['teacher']}` (test accuracy "
+             f"{rows[0]['teacher_accuracy']:.4f}), {d['dataset']} at {d['image_size']}×{d['image_size']} "
+             f"(train/val/test {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}), "
+             f"{result['epochs']} epochs each, lr {cfg.distill.lr}, seed {cfg.seed}. Accuracy, relative error "
+             "(eq. 6: student error / teacher error), KL(teacher ‖ student) (eq. 8) and correlation (eq. 9) "
+             "are on the test split; the first row is the from-scratch baseline when it was run.", "",
+             "| method | accuracy | Δ vs first row | relative error | KL | correlation | s / epoch | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = rows[0]["accuracy"]
+    for r in rows:
+        notes = []
+        if "assistant" in r:
+            notes.append(f"assistant `{r['assistant']}` {r['assistant_accuracy']:.4f}, "
+                         f"{r['assistant_train_seconds']:.0f} s")
+        if "teachers" in r:
+            notes.append("teachers " + ", ".join(f"`{t}`" for t in r["teachers"]))
+        if "peers" in r:
+            notes.append("peers " + ", ".join(f"`{p['model']}` {p['test_accuracy']:.4f}" for p in r["peers"]))
+        lines.append(f"| `{r['method']}` | {r['accuracy']:.4f} | {r['accuracy'] - base:+.4f} | "
+                     f"{r['relative_error']:.3f} | {r['kl_teacher_student']:.4f} | {r['correlation']:.4f} | "
+                     f"{r['seconds_per_epoch']:.2f} | {'; '.join(notes)} |")
+    lines += ["", "Methods:", ""]
+    lines += [f"- `{r['method']}`: {r['summary']}" for r in rows]
+    return "\n".join(lines) + "\n"
