@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compress.config import PipelineConfig, validate_recipe
 from compress.distill.methods import METHODS, summary
-from compress.errors import ConfigError
+from compress.errors import CompressError, ConfigError
 from compress.fsio import write_json, write_text
 from compress.pipeline import log, run_pipeline
 
@@ -28,10 +28,17 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
     if cfg.compare is None:
         raise ConfigError(f"recipe {cfg.name!r} has no compare section (compare.methods: [scratch, kd, ...])")
     out_dir = artifacts / cfg.name
-    rows = []
+    rows, failed = [], []
+    configs = {m: method_config(cfg, m) for m in cfg.compare.methods}  # every recipe checked before training
     for i, method in enumerate(cfg.compare.methods):
         log(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
-        ctx = run_pipeline(method_config(cfg, method), artifacts=out_dir, force=force, cache_dir=artifacts / ".cache")
+        try:
+            ctx = run_pipeline(configs[method], artifacts=out_dir, force=force, cache_dir=artifacts / ".cache")
+        except CompressError as e:  # one method failing (e.g. a diverging loss) does not stop the others
+            log(f"[compare] {method} failed: {e}")
+            failed.append(method)
+            rows.append({"method": method, "summary": summary(METHODS[method]), "failed": str(e)})
+            continue
         m = ctx.results["distill"].metrics
         extra = {}
         if "assistant" in ctx.results:
@@ -51,29 +58,37 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
             "final_loss": m["history"][-1]["loss"] if m["history"] else None, "params": m["params"],
             "method_params": m.get("method_params", {}), **extra,
         })
-    d = ctx.data.describe()
-    result = {"name": cfg.name, "student": rows[0]["model"], "teacher": rows[0]["teacher"], "dataset": d,
-              "epochs": cfg.distill.epochs, "rows": rows}
+    from compress.data import load_data
+    from compress.models import resolve_name
+
+    result = {"name": cfg.name, "student": resolve_name(cfg.distill.student), "teacher": resolve_name(cfg.teacher.model),
+              "dataset": load_data(cfg.data).describe(), "epochs": cfg.distill.epochs, "rows": rows}
     write_json(out_dir / "compare.json", result)
     write_text(out_dir / "report.md", markdown(cfg, result))
     log(f"[compare] table: {out_dir / 'report.md'}")
+    if failed:
+        raise CompressError(f"compare: {', '.join(failed)} failed (see {out_dir / 'report.md'})")
     return result
 
 
 def markdown(cfg: PipelineConfig, result: dict) -> str:
     d = result["dataset"]
     rows = result["rows"]
+    ok = [r for r in rows if "failed" not in r]
+    t_acc = f" (test accuracy {ok[0]['teacher_accuracy']:.4f})" if ok else ""
     lines = [f"# Distillation methods compared: `{cfg.name}`", "",
-             f"Student `{result['student']}` from teacher `{result['teacher']}` (test accuracy "
-             f"{rows[0]['teacher_accuracy']:.4f}), {d['dataset']} at {d['image_size']}×{d['image_size']} "
+             f"Student `{result['student']}` from teacher `{result['teacher']}`{t_acc}, {d['dataset']} at {d['image_size']}×{d['image_size']} "
              f"(train/val/test {d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']}), "
              f"{result['epochs']} epochs each, lr {cfg.distill.lr}, seed {cfg.seed}. Accuracy, relative error "
              "(eq. 6: student error / teacher error), KL(teacher ‖ student) (eq. 8) and correlation (eq. 9) "
              "are on the test split; the first row is the from-scratch baseline when it was run.", "",
              "| method | accuracy | Δ vs first row | relative error | KL | correlation | s / epoch | notes |",
              "|---|---|---|---|---|---|---|---|"]
-    base = rows[0]["accuracy"]
+    base = ok[0]["accuracy"] if ok else 0.0
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| `{r['method']}` | failed | | | | | | {r['failed']} |")
+            continue
         notes = []
         if "assistant" in r:
             notes.append(f"assistant `{r['assistant']}` {r['assistant_accuracy']:.4f}, "

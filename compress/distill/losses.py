@@ -136,10 +136,12 @@ def sp_loss(fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     return (similarity_matrix(ft) - similarity_matrix(fs)).pow(2).sum() / (b * b)
 
 
-def dml_loss(logits: list[torch.Tensor], y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def dml_loss(logits: list[torch.Tensor], y: torch.Tensor, temperature: float = 1.0,
+             kl_weight: float = 1.0) -> torch.Tensor:
     """Deep mutual learning (Zhang et al. 2018), all K peers at once:
     Σ_k [CE(y, z_k) + T²/(K−1)·Σ_{l≠k} KL(σ(z_l/T) ‖ σ(z_k/T))], the peers' targets z_l held fixed
-    (each peer's gradient is that of its own loss in the paper)."""
+    (each peer's gradient is that of its own loss in the paper). ``kl_weight`` scales the KL terms
+    (the warm-up ramp)."""
     k = len(logits)
     total = torch.zeros((), device=y.device)
     for i, zi in enumerate(logits):
@@ -147,7 +149,7 @@ def dml_loss(logits: list[torch.Tensor], y: torch.Tensor, temperature: float = 1
         for j, zj in enumerate(logits):
             if i != j:
                 pj = F.softmax(zj.detach() / temperature, dim=1)
-                total = total + temperature * temperature * soft_kl(pj, zi, temperature) / (k - 1)
+                total = total + kl_weight * temperature * temperature * soft_kl(pj, zi, temperature) / (k - 1)
     return total
 
 

@@ -51,6 +51,7 @@ class Objective(nn.Module):
         self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
         self._teachers: list[nn.Module] = []
         self._taps: list[Taps] = []
+        self.ramp = 1.0  # weight of the knowledge term, ramped up over params.warmup_epochs when a method has it
 
     @property
     def needs_teacher(self) -> bool:
@@ -75,7 +76,10 @@ class Objective(nn.Module):
         """Build taps and adapters; the default method needs none."""
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
-        """Called by the training loop at the start of each epoch (0-based)."""
+        """Called by the training loop at the start of each epoch (0-based): ramps the knowledge term
+        linearly from 1/w to 1 over the first w = ``params.warmup_epochs`` epochs."""
+        w = getattr(self.p, "warmup_epochs", 0)
+        self.ramp = 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
 
     def candidates(self) -> list[nn.Module]:
         """Models trained beside the student that may replace it afterwards (mutual learning's peers)."""
@@ -162,7 +166,8 @@ class DKDParams(Params):
     alpha: float = Field(1.0, ge=0.0, le=100.0, description="weight of the target-class term TCKD")
     beta: float = Field(8.0, ge=0.0, le=100.0, description="weight of the non-target-class term NCKD")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
-    warmup_epochs: int = Field(0, ge=0, le=10_000, description="the KD terms ramp up linearly over these epochs")
+    warmup_epochs: int = Field(20, ge=0, le=10_000, description="the KD terms ramp up linearly over these epochs "
+                               "(20 in the authors' code)")
 
 
 @register
@@ -171,18 +176,11 @@ class DKD(Objective):
 
     L = CE(y, s) + w·T²·(α·TCKD + β·NCKD), TCKD = KL(b^t ‖ b^s) over the binary [p_y, 1 − p_y],
     NCKD = KL(p̂^t ‖ p̂^s) over the softmax of the non-target classes; w ramps from 0 to 1 over
-    ``warmup_epochs``. Defaults α = 1, β = 8, T = 4 as in the paper."""
+    ``warmup_epochs``. Defaults α = 1, β = 8, T = 4 and a 20-epoch warm-up as in the paper's CIFAR setting
+    (its ImageNet setting: α = β = 0.5, T = 1)."""
 
     name = "dkd"
     Params = DKDParams
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ramp = 1.0
-
-    def set_epoch(self, epoch, epochs):
-        w = self.p.warmup_epochs
-        self.ramp = 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
 
     def forward(self, student, x, y):
         s = student(x)
@@ -419,9 +417,13 @@ class SimilarityPreserving(Objective):
 # -- online and self-distillation ----------------------------------------------------------------
 
 
+WARMUP = Field(0, ge=0, le=10_000, description="the knowledge term ramps up linearly over these epochs")
+
+
 class DMLParams(Params):
     peers: list[str] = Field([], description="peers besides the student; default one more of the student's model")
     temperature: float = Field(1.0, gt=0.0, le=100.0)
+    warmup_epochs: int = WARMUP
     keep: Literal["best", "student"] = Field("best", description="which peer the pipeline continues with: "
                                              "the best on the validation split, or the student")
 
@@ -452,12 +454,13 @@ class DML(Objective):
 
     def forward(self, student, x, y):
         zs = [student(x)] + [p(x) for p in self.peers]
-        return L.dml_loss(zs, y, self.p.temperature), zs[0]
+        return L.dml_loss(zs, y, self.p.temperature, kl_weight=self.ramp), zs[0]
 
 
 class CSKDParams(Params):
     lam: float = Field(1.0, ge=0.0, le=100.0, description="weight λ of the class-wise term")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
+    warmup_epochs: int = WARMUP
 
 
 @register
@@ -491,7 +494,7 @@ class CSKD(Objective):
         s = student(x)
         with torch.no_grad():
             sp = student(self.partners(y).to(x.device))
-        return L.cs_kd_loss(s, y, sp, self.p.lam, self.p.temperature), s
+        return L.cs_kd_loss(s, y, sp, self.p.lam * self.ramp, self.p.temperature), s
 
 
 class LogitLoss(Objective):
