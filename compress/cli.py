@@ -78,38 +78,61 @@ def export(
 
 @app.command()
 def bench(
-    model: Path = typer.Argument(..., help="ONNX file"),
-    threads: list[int] = typer.Option([1, 0], help="intra-op threads per setting; 0 = all cores (repeatable)"),
+    models: list[Path] = typer.Argument(..., help="ONNX files, e.g. teacher FP32, student FP32, pruned, INT8"),
+    runtime: list[str] = typer.Option(["onnxruntime"], "--runtime", "-r",
+                                      help="onnxruntime | openvino (repeatable; an absent runtime is reported, not an error)"),
+    threads: list[int] = typer.Option([1], help="threads per cell, pinned to as many cores (repeatable; 0 = all cores)"),
+    batch: list[int] = typer.Option([1], help="batch sizes (repeatable)"),
+    size: list[int] = typer.Option([], help="input sizes (repeatable); default: each file's own"),
+    cores: Optional[str] = typer.Option(None, help="cores to pin to, e.g. 0,1 (default: the first N for N threads)"),
     runs: int = typer.Option(100, min=1, max=100_000),
     warmup: int = typer.Option(10, min=0, max=10_000),
-    image_size: Optional[int] = typer.Option(None, min=8, max=2048, help="needed only for dynamic spatial inputs"),
-    dataset: Optional[str] = typer.Option(None, help="also measure accuracy on this dataset's test split"),
+    dataset: Optional[str] = typer.Option(None, help="also measure each file's accuracy on this dataset's test split"),
+    out: Path = typer.Option(Path("artifacts/bench"), "--out", "-o", help="folder for bench.md, bench.json, bench.html"),
+    as_json: bool = typer.Option(False, "--json", help="print the JSON result instead of the Markdown table"),
 ) -> None:
-    """onnxruntime CPU latency (mean/p50/p90/p99) at batch 1, file size, and optionally accuracy."""
+    """Edge latency report: each ONNX file × runtime × threads × batch × input size in a fresh process
+    pinned to CPU cores: p50/p90/p99, throughput, peak memory, load time; Markdown, JSON and HTML."""
     import json
+    import os
 
-    from compress.bench import file_size, latency, onnx_accuracy
+    from compress.bench import onnx_accuracy
+    from compress.edgebench import bench_files, markdown, write_report
 
-    if not model.is_file():
-        raise CompressError(f"ONNX file not found: {model}")
-    if any(t < 0 for t in threads):
-        raise CompressError("--threads must be >= 0 (0 = all cores)")
-    result: dict = {"file": str(model), "size_bytes": file_size(model), "latency": []}
-    for t in threads:
-        result["latency"].append(latency(model, image_size, threads=t, warmup=warmup, runs=runs))
+    ncpu = os.cpu_count() or 1
+    threads = [ncpu if t == 0 else t for t in threads]
+    if any(b < 1 or b > 4096 for b in batch):
+        raise CompressError("--batch must be between 1 and 4096")
+    if any(s < 8 or s > 2048 for s in size):
+        raise CompressError("--size must be between 8 and 2048")
+    core_list = None
+    if cores:
+        try:
+            core_list = [int(c) for c in cores.split(",") if c.strip()]
+        except ValueError:
+            raise CompressError(f"--cores {cores!r}: give core numbers separated by commas, e.g. 0,1") from None
+        if len(core_list) < max(threads):
+            raise CompressError(f"--cores lists {len(core_list)} cores for {max(threads)} threads")
+    for m in models:
+        if not m.is_file():
+            raise CompressError(f"ONNX file not found: {m}")
+    result = bench_files(models, list(dict.fromkeys(runtime)), threads, batch, size or None, core_list, warmup, runs,
+                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     if dataset:
+        from pydantic import ValidationError
+
         from compress.config import DataConfig
         from compress.data import load_data
 
-        from pydantic import ValidationError
-
-        try:
-            size = result["latency"][0]["image_size"]
-            data = load_data(DataConfig(dataset=dataset, image_size=size))
-        except ValidationError as e:
-            raise CompressError(f"--dataset: {e.errors()[0]['msg']}") from None
-        result["accuracy"] = onnx_accuracy(model, data.test)
-    typer.echo(json.dumps(result, indent=2))
+        for f in result["files"]:
+            try:
+                data = load_data(DataConfig(dataset=dataset, image_size=f["input"][-1] or 224))
+            except ValidationError as e:
+                raise CompressError(f"--dataset: {e.errors()[0]['msg']}") from None
+            f["accuracy"] = onnx_accuracy(Path(f["file"]), data.test)
+    write_report(result, out)
+    typer.echo(json.dumps(result, indent=2) if as_json else markdown(result))
+    print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.html'}", file=sys.stderr)
 
 
 @app.command()

@@ -67,23 +67,13 @@ def summary(ctx: RunContext) -> dict:
         "stages": {n: {"fingerprint": r.fingerprint, "skipped": r.skipped, "dir": str(r.dir.name),
                        "metrics": r.metrics} for n, r in ctx.results.items()},
         "table": _rows(ctx),
+        "lineage": lineage(ctx),
     }
 
 
-def markdown(ctx: RunContext, rows: list[dict]) -> str:
-    cfg = ctx.cfg
-    lines = [f"# compress run `{cfg.name}`", ""]
+def main_table(ctx: RunContext, rows: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The teacher-vs-student table: (header, [(row label, one cell per model)])."""
     d = ctx.data.describe()
-    lines.append(f"Dataset **{d['dataset']}** ({d['num_classes']} classes; train/val/test "
-                 f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} images at "
-                 f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
-    if "distill" in ctx.results:
-        m = ctx.results["distill"].metrics
-        params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
-        lines.append(f"Distillation: method `{m['method']}`, α = {m['alpha']}, T = {m['temperature']}"
-                     + (f"; {params}" if params else "") + (f"; assistant `{m['assistant']}`" if m.get("assistant") else "")
-                     + ".")
-    lines += ["", "## Teacher vs student", ""]
     settings = []
     for row in rows:
         for lat in row["latency"]:
@@ -112,6 +102,44 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
         ("KL(P_t ‖ P_s) (eq. 8)", [_fmt(r.get("kl_teacher_student"), ".4f", "—") for r in rows]),
         ("correlation ρ(P_t, P_s) (eq. 9)", [_fmt(r.get("correlation"), ".4f", "—") for r in rows]),
     ]
+    return head, table
+
+
+def lineage(ctx: RunContext) -> dict:
+    """Where the run's files come from: models, the recipe's hash and the versions that made them."""
+    import importlib.metadata as md
+    import platform
+
+    from compress.fsio import sha256_json
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "openvino", "torch-pruning"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    distill = ctx.results["distill"].metrics if "distill" in ctx.results else {}
+    return {"run": ctx.cfg.name, "teacher": distill.get("teacher") or ctx.cfg.teacher.model,
+            "student": distill.get("model") or ctx.cfg.distill.student, "method": ctx.cfg.distill.method,
+            "recipe_sha256": sha256_json(ctx.cfg.model_dump(mode="json")), "compress": __version__,
+            "python": platform.python_version(), **versions}
+
+
+def markdown(ctx: RunContext, rows: list[dict]) -> str:
+    cfg = ctx.cfg
+    lines = [f"# compress run `{cfg.name}`", ""]
+    d = ctx.data.describe()
+    lines.append(f"Dataset **{d['dataset']}** ({d['num_classes']} classes; train/val/test "
+                 f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} images at "
+                 f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
+    if "distill" in ctx.results:
+        m = ctx.results["distill"].metrics
+        params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
+        lines.append(f"Distillation: method `{m['method']}`, α = {m['alpha']}, T = {m['temperature']}"
+                     + (f"; {params}" if params else "") + (f"; assistant `{m['assistant']}`" if m.get("assistant") else "")
+                     + ".")
+    lines += ["", "## Teacher vs student", ""]
+    head, table = main_table(ctx, rows)
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for label, cells in table:
@@ -142,13 +170,83 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
             agree = f"{p['argmax_agreement']:.2%}" if p else "— (no PyTorch twin)"
             kern = f"{k['quantized_convolutions']} / {k['float_convolutions']}" if k else "— (FP32)"
             lines.append(f"| {ROLE_LABELS.get(role, role)} | `{e['file']}` | {diff} | {agree} | {kern} |")
-    lines += ["", "## Stages", "", "| stage | status | seconds |", "|---|---|---|"]
-    for n, r in ctx.results.items():
-        lines.append(f"| {n} | {'skipped (unchanged)' if r.skipped else 'ran'} | {r.metrics.get('stage_seconds', 0):.1f} |")
+    lines += ["", "## Stages", "", "| " + " | ".join(STAGE_HEAD) + " |", "|" + "---|" * len(STAGE_HEAD)]
+    lines += ["| " + " | ".join(r) + " |" for r in stage_rows(ctx)]
+    lines += ["", "## Lineage", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in lineage(ctx).items()]
     return "\n".join(lines) + "\n"
+
+
+STAGE_HEAD = ["stage", "status", "seconds", "model", "test accuracy (PyTorch)", "fingerprint"]
+
+
+def stage_rows(ctx: RunContext) -> list[list[str]]:
+    out = []
+    for n, r in ctx.results.items():
+        m = r.metrics
+        acc = m.get("test_accuracy")
+        out.append([n, "skipped (unchanged)" if r.skipped else "ran", f"{m.get('stage_seconds', 0):.1f}",
+                    str(m.get("model", "")), "" if acc is None else f"{acc:.4f}", r.fingerprint[:12]])
+    return out
+
+
+def plots(ctx: RunContext, rows: list[dict]) -> list[tuple[bytes, str]]:
+    """Accuracy and size of every model, and latency per setting when the bench stage ran."""
+    from compress.html import figure_png, pyplot
+
+    plt = pyplot()
+    labels = [r["label"] for r in rows]
+    figs = []
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    acc = [r["onnx_accuracy"] if r["onnx_accuracy"] is not None else (r["torch_accuracy"] or 0.0) for r in rows]
+    a1.bar(labels, acc, color="#4c72b0")
+    lo = min(acc) if acc else 0.0
+    a1.set_ylim(max(0.0, lo - 0.05), 1.0)
+    a1.set_ylabel("test accuracy")
+    a1.set_title("accuracy (ONNX when exported)")
+    sizes = [(r["onnx_size_bytes"] or 0) / 1e6 for r in rows]
+    a2.bar(labels, sizes, color="#dd8452")
+    a2.set_ylabel("MB")
+    a2.set_title("ONNX file size")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    figs.append((figure_png(fig), "accuracy and file size per model"))
+    settings = list(dict.fromkeys((x["image_size"], x["threads_setting"]) for r in rows for x in r["latency"]))
+    if settings:
+        fig, ax = plt.subplots(figsize=(11, 3.8))
+        width = 0.8 / len(settings)
+        for j, (size, setting) in enumerate(settings):
+            vals = [next((x["p50_ms"] for x in r["latency"] if (x["image_size"], x["threads_setting"]) == (size, setting)), 0.0)
+                    for r in rows]
+            ax.bar([i + j * width for i in range(len(rows))], vals, width, label=f"{size}×{size}, {setting}")
+        ax.set_xticks([i + width * (len(settings) - 1) / 2 for i in range(len(rows))], labels, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 latency, ms (log)")
+        ax.set_title("onnxruntime CPU latency, batch 1")
+        ax.legend(fontsize=8)
+        figs.append((figure_png(fig), "latency per model and setting"))
+    return figs
+
+
+def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = None) -> str:
+    from compress import html as H
+
+    d = ctx.data.describe()
+    body = [f"<p class='note'>Dataset <b>{H.esc(d['dataset'])}</b> ({d['num_classes']} classes; train/val/test "
+            f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} at {d['image_size']}×{d['image_size']}). "
+            "Accuracy is on the test split.</p>"]
+    if rows:
+        head, table = main_table(ctx, rows)
+        body += ["<h2>Teacher vs student</h2>", H.table(head, [[label, *cells] for label, cells in table])]
+        body += [H.img(png, cap, cap) for png, cap in plots(ctx, rows)]
+    body += extra or []
+    body += ["<h2>Stages</h2>", H.table(STAGE_HEAD, stage_rows(ctx))]
+    body += ["<h2>Lineage</h2>", H.table(["", ""], [[k, v] for k, v in lineage(ctx).items()])]
+    return H.page(f"compress run {ctx.cfg.name}", body)
 
 
 def write_reports(ctx: RunContext) -> None:
     s = summary(ctx)
     write_json(ctx.run_dir / "summary.json", s)
     write_text(ctx.run_dir / "report.md", markdown(ctx, s["table"]))
+    write_text(ctx.run_dir / "report.html", html_report(ctx, s["table"]))

@@ -67,14 +67,15 @@ def test_teacher_from_checkpoint_and_export_bench_commands(cli, tiny_recipe, tmp
     assert r.returncode == 0, r.stderr
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["compress.model"] == "mobilenetv2_035" and props["compress.image_size"] == "16"
-    r = cli("bench", out, "--runs", "5", "--threads", "1", "--dataset", "digits")
+    r = cli("bench", out, "--runs", "5", "--threads", "1", "--dataset", "digits", "--json", "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["latency"][0]["runs"] == 5 and 0.0 <= result["accuracy"] <= 1.0
+    assert result["runs"] == 5 and 0.0 <= result["files"][0]["accuracy"] <= 1.0
+    assert result["cells"][0]["p50_ms"] > 0
     _one_line_error(cli("bench", tmp_path / "nope.onnx"), "not found")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"nope")
-    _one_line_error(cli("bench", bad), "onnxruntime cannot load")
+    _one_line_error(cli("bench", bad), "not a readable ONNX file")
     _one_line_error(cli("export", tmp_path / "nope.safetensors", "--out", tmp_path / "x.onnx"), "not found")
 
 
@@ -136,8 +137,8 @@ def test_quantize_path_writes_an_int8_file_onnxruntime_runs_in_int8(cli, tiny_re
     out = tmp_path / "again_int8.onnx"
     r = cli("export", art / "tiny" / "quantize" / "model.safetensors", "--out", out)
     assert r.returncode == 0, r.stderr
-    again = cli("bench", out, "--runs", "3", "--threads", "1", "--dataset", "digits")
-    assert json.loads(again.stdout)["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
+    again = cli("bench", out, "--runs", "3", "--threads", "1", "--dataset", "digits", "--json", "--out", tmp_path / "b")
+    assert json.loads(again.stdout)["files"][0]["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
 
 
 def test_prune_stage_shrinks_the_exported_student(cli, tiny_recipe, tmp_path):
