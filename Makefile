@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 MODEL  ?= mobilenet
 ARGS   ?=
 
-.PHONY: pipeline compare test smoke venv clean
+.PHONY: pipeline compare sweep test smoke venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ pipeline: $(STAMP)
 
 compare: $(STAMP)
 	$(VENV)/bin/compress compare pipelines/methods.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)
+
+sweep: $(STAMP)
+	$(VENV)/bin/compress sweep pipelines/sweep.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

@@ -180,6 +180,23 @@ def compare(
     typer.echo((artifacts / cfg.name / "report.md").read_text())
 
 
+@app.command()
+def sweep(
+    recipe: Path = typer.Argument(Path("pipelines/sweep.yaml"), help="recipe with a sweep section"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a recipe value: section.key=value (repeatable)"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="where runs are written"),
+    force: bool = typer.Option(False, "--force", help="retrain every student even if unchanged"),
+) -> None:
+    """Train every student of the sweep with each series (KD and from scratch) on one budget; writes
+    sweep.csv, sweep.json, accuracy-vs-distillation-factor / relative-error / latency plots and report.html."""
+    from compress.config import load_recipe
+    from compress.sweep import run_sweep
+
+    cfg = load_recipe(recipe, list(set_))
+    run_sweep(cfg, artifacts=artifacts, force=force)
+    typer.echo((artifacts / cfg.name / "report.md").read_text())
+
+
 def _click_exceptions():
     """Recent typer releases carry their own copy of click; older ones use click itself."""
     try:

@@ -221,6 +221,41 @@ class CompareConfig(_Strict):
         return self
 
 
+class SweepConfig(_Strict):
+    """``compress sweep``: one teacher, many students, each trained with every method of ``series`` on
+    the same budget (the recipe's distill section); FP32 and INT8 (onnxruntime PTQ) latency per student."""
+
+    students: list[str] = Field([], description="default: every student in the registry")
+    series: list[str] = Field(["kd", "scratch"], min_length=1, description="distillation methods to compare")
+    latency_size: int = Field(224, ge=8, le=2048, description="input size the latency is measured at")
+    latency_runs: int = Field(30, ge=1, le=100_000)
+    threads: int = Field(1, ge=1, le=1024)
+
+    @field_validator("students")
+    @classmethod
+    def _students(cls, v: list[str]) -> list[str]:
+        from compress.models import resolve_name
+
+        out = [resolve_name(_model_name(n)) for n in v]
+        if len(set(out)) != len(out):
+            raise ValueError("each student may appear once")
+        return out
+
+    @field_validator("series")
+    @classmethod
+    def _series(cls, v: list[str]) -> list[str]:
+        from compress.distill.methods import METHODS
+
+        for m in v:
+            if m not in METHODS:
+                raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
+            if METHODS[m].uses_assistant or METHODS[m].teachers == "many":
+                raise ValueError(f"{m!r} needs extra models per student; a sweep series takes one teacher or none")
+        if len(set(v)) != len(v):
+            raise ValueError("each series may appear once")
+        return v
+
+
 class PipelineConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
@@ -233,6 +268,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
     compare: CompareConfig | None = Field(None, description="used by compress compare only")
+    sweep: SweepConfig | None = Field(None, description="used by compress sweep only")
 
     @model_validator(mode="before")
     @classmethod

@@ -1,11 +1,15 @@
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -43,3 +47,17 @@ def tiny_recipe(tmp_path):
         return path
 
     return make
+
+
+def render(page: Path) -> dict:
+    """Load ``page`` in headless Chromium; the page's own script records its decoded images and rows."""
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body([^>]*)>", out.stdout)
+    assert body, out.stderr[-2000:]
+    attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(1)))
+    return {"images": int(attrs.get("images", -1)), "decoded": int(attrs.get("decoded", -1)),
+            "rows": int(attrs.get("table-rows", -1)), "dom": out.stdout}

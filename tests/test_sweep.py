@@ -1,0 +1,62 @@
+"""compress sweep: students × series, the CSV/JSON and the three plots, resume without retraining."""
+
+import csv
+import json
+import struct
+
+import pytest
+
+from compress.sweep import pareto
+from conftest import CHROMIUM, render
+
+
+def _png_size(path):
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_pareto_front_by_hand():
+    rows = [{"fp32_latency_ms": 1.0, "accuracy": 0.90}, {"fp32_latency_ms": 2.0, "accuracy": 0.95},
+            {"fp32_latency_ms": 2.5, "accuracy": 0.93}, {"fp32_latency_ms": 3.0, "accuracy": 0.99},
+            {"fp32_latency_ms": 0.5, "accuracy": 0.80}]
+    assert pareto(rows) == [4, 0, 1, 3]  # row 2 is slower and less accurate than row 1
+
+
+def test_sweep_writes_csv_json_plots_and_resumes(cli, tiny_recipe, tmp_path):
+    art = tmp_path / "art"
+    recipe = tiny_recipe("sw", sweep={"students": ["mobilenetv2_035", "shufflenet_v2_x0_5"], "series": ["kd", "scratch"],
+                                      "latency_size": 32, "latency_runs": 3})
+    r = cli("sweep", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    out = art / "sw"
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(x["student"], x["series"]) for x in rows] == [
+        ("mobilenetv2_035", "kd"), ("mobilenetv2_035", "scratch"), ("shufflenet_v2_x0_5", "kd"), ("shufflenet_v2_x0_5", "scratch")]
+    result = json.loads((out / "sweep.json").read_text())
+    for row in result["rows"]:
+        assert row["distillation_factor"] > 1 and 0 <= row["accuracy"] <= 1
+        assert row["fp32_latency_ms"] > 0 and row["int8_latency_ms"] > 0
+    assert result["pareto"]
+    for name in ("accuracy_vs_distillation_factor.png", "accuracy_vs_relative_error.png", "accuracy_vs_latency.png"):
+        w, h = _png_size(out / name)
+        assert w > 300 and h > 200
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
+    if CHROMIUM:
+        shown = render(out / "report.html")
+        assert shown["images"] == 3 and shown["decoded"] == 3 and shown["rows"] == 4
+    again = cli("sweep", recipe, "--artifacts", art)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("[distill] unchanged, skipped") == 4 and "[distill] running" not in again.stderr
+    assert "p50 FP32" not in again.stderr  # latency is cached per student too
+
+
+def test_sweep_bad_input(cli, tiny_recipe, tmp_path):
+    art = tmp_path / "art"
+    r = cli("sweep", tiny_recipe("a", sweep={"students": ["resnet999"]}), "--artifacts", art)
+    assert r.returncode == 2 and "sweep.students: unknown model 'resnet999'" in r.stderr and r.stderr.count("\n") == 1
+    r = cli("sweep", tiny_recipe("b", sweep={"series": ["ta"]}), "--artifacts", art)
+    assert r.returncode == 2 and "needs extra models" in r.stderr
+    r = cli("sweep", tiny_recipe("c"), "--artifacts", art)
+    assert r.returncode == 2 and "has no sweep section" in r.stderr
+    assert not art.exists()
