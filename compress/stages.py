@@ -1,4 +1,4 @@
-"""The pipeline's stages: teacher → distill → export → bench. Each reads earlier stages' folders and
+"""The pipeline's stages: teacher → [assistant →] distill → prune → quantize → export → bench. Each reads earlier stages' folders and
 writes its own; they share nothing else."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from compress.export import export_onnx, parity, update_metadata
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, write_json
 from compress.models import (REGISTRY, create_model, load_checkpoint, load_weights, resolve_name,
                              save_checkpoint)
-from compress.pipeline import RunContext, Stage, fingerprint, log, register_stage
+from compress.pipeline import RunContext, Stage, log, register_stage
 from compress.train import fit, predict, seed_everything
 
 MODEL_FILE = "model.safetensors"
@@ -561,4 +561,3 @@ register_stage(Stage("quantize", run_quantize, ("teacher", "distill", "prune"), 
 register_stage(Stage("export", run_export, ("teacher", "distill", "prune", "quantize"), version=5))
 register_stage(Stage("bench", run_bench, ("export",), version=5))
 
-from compress.pipeline import STAGES as STAGES_BY_NAME  # noqa: E402

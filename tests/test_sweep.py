@@ -4,7 +4,6 @@ import csv
 import json
 import struct
 
-import pytest
 
 from compress.sweep import pareto
 from conftest import CHROMIUM, render
