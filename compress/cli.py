@@ -173,10 +173,16 @@ def compare(
     """Train the recipe's student with each listed distillation method on the same data and budget;
     writes a table (accuracy, relative error, KL, correlation, time per epoch) to the run's report."""
     from compress.compare import run_compare
+
+    _run_recipe(run_compare, recipe, set_, artifacts, force)
+
+
+def _run_recipe(runner, recipe: Path, overrides: list[str], artifacts: Path, force: bool) -> None:
+    """Load the recipe with its overrides, run it, print the report it wrote."""
     from compress.config import load_recipe
 
-    cfg = load_recipe(recipe, list(set_))
-    run_compare(cfg, artifacts=artifacts, force=force)
+    cfg = load_recipe(recipe, list(overrides))
+    runner(cfg, artifacts=artifacts, force=force)
     typer.echo((artifacts / cfg.name / "report.md").read_text())
 
 
@@ -189,12 +195,9 @@ def sweep(
 ) -> None:
     """Train every student of the sweep with each series (KD and from scratch) on one budget; writes
     sweep.csv, sweep.json, accuracy-vs-distillation-factor / relative-error / latency plots and report.html."""
-    from compress.config import load_recipe
     from compress.sweep import run_sweep
 
-    cfg = load_recipe(recipe, list(set_))
-    run_sweep(cfg, artifacts=artifacts, force=force)
-    typer.echo((artifacts / cfg.name / "report.md").read_text())
+    _run_recipe(run_sweep, recipe, set_, artifacts, force)
 
 
 def _click_exceptions():

@@ -191,6 +191,18 @@ class BenchConfig(_Strict):
         return v
 
 
+def _method_list(v: list[str]) -> list[str]:
+    """Distillation method names, each known and listed once."""
+    from compress.distill.methods import METHODS
+
+    for m in v:
+        if m not in METHODS:
+            raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
+    if len(set(v)) != len(v):
+        raise ValueError("each method may appear once")
+    return v
+
+
 class CompareConfig(_Strict):
     """``compress compare``: the same student trained with each of ``methods`` on the same data and
     budget (the recipe's teacher and distill sections), one run per method."""
@@ -201,14 +213,7 @@ class CompareConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        from compress.distill.methods import METHODS
-
-        for m in v:
-            if m not in METHODS:
-                raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
-        if len(set(v)) != len(v):
-            raise ValueError("each method may appear once")
-        return v
+        return _method_list(v)
 
     @model_validator(mode="after")
     def _params(self) -> "CompareConfig":
@@ -246,13 +251,9 @@ class SweepConfig(_Strict):
     def _series(cls, v: list[str]) -> list[str]:
         from compress.distill.methods import METHODS
 
-        for m in v:
-            if m not in METHODS:
-                raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
+        for m in _method_list(v):
             if METHODS[m].uses_assistant or METHODS[m].teachers == "many":
                 raise ValueError(f"{m!r} needs extra models per student; a sweep series takes one teacher or none")
-        if len(set(v)) != len(v):
-            raise ValueError("each series may appear once")
         return v
 
 
