@@ -133,8 +133,9 @@ def load_stage_model(ctx: RunContext, stage: str) -> torch.nn.Module:
     return model
 
 
-def load_teachers(ctx: RunContext) -> list[torch.nn.Module]:
-    """The teachers the distillation method learns from, the pipeline's teacher first."""
+def load_teachers(ctx: RunContext, teacher: torch.nn.Module) -> list[torch.nn.Module]:
+    """The teachers the distillation method learns from: ``teacher`` (the pipeline's, already loaded)
+    first, or the assistant."""
     from compress.distill.methods import METHODS
 
     kind = METHODS[ctx.cfg.distill.method]
@@ -142,7 +143,7 @@ def load_teachers(ctx: RunContext) -> list[torch.nn.Module]:
         return []
     if kind.uses_assistant:
         return [load_stage_model(ctx, "assistant")]
-    teachers = [load_stage_model(ctx, "teacher")]
+    teachers = [teacher]
     for extra in _extra_teachers(ctx):
         teachers.append(load_checkpoint(ctx.stage_dir("teacher") / "teachers" / extra / MODEL_FILE)[0])
     return teachers
@@ -198,7 +199,7 @@ def run_distill(ctx: RunContext, out: Path, work: Path) -> dict:
 
     objective = build_method(cfg.method, cfg.params, alpha=cfg.alpha, temperature=cfg.temperature,
                              label_smoothing=cfg.label_smoothing)
-    objective.bind(student, load_teachers(ctx), image_size=data.image_size, train_ds=data.train,
+    objective.bind(student, load_teachers(ctx, teacher), image_size=data.image_size, train_ds=data.train,
                    make_model=make_model, student_name=name)
     result = fit(student, data.train, data.val, cfg, objective, work, seed=ctx.cfg.seed,
                  batch_size=ctx.cfg.data.batch_size, desc=f"distill {name} ({cfg.method})")

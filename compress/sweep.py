@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 from compress.config import PipelineConfig, validate_recipe
@@ -74,8 +75,6 @@ def measure_latency(ctx, cfg: PipelineConfig, out_dir: Path) -> dict:
     log(f"[sweep] {student}: p50 FP32 {result['fp32_p50_ms']:.2f} ms, INT8 {result['int8_p50_ms']:.2f} ms "
         f"at {sw.latency_size}×{sw.latency_size}, {sw.threads} thread(s)")
     write_json(path, result)
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     return result
 

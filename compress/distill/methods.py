@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from compress.distill import losses as L
-from compress.distill.taps import EMBEDDING, Taps, feature_points, match_points
+from compress.distill.taps import EMBEDDING, Taps, feature_points, match_points, probe
 from compress.errors import CompressError
 
 
@@ -175,8 +175,8 @@ class DKD(Objective):
     """Decoupled KD: target-class and non-target-class knowledge weighted separately (Zhao et al., CVPR 2022).
 
     L = CE(y, s) + w·T²·(α·TCKD + β·NCKD), TCKD = KL(b^t ‖ b^s) over the binary [p_y, 1 − p_y],
-    NCKD = KL(p̂^t ‖ p̂^s) over the softmax of the non-target classes; w ramps from 0 to 1 over
-    ``warmup_epochs``. Defaults α = 1, β = 8, T = 4 and a 20-epoch warm-up as in the paper's CIFAR setting
+    NCKD = KL(p̂^t ‖ p̂^s) over the softmax of the non-target classes; w ramps linearly from 1/W to 1
+    over the first W = ``warmup_epochs`` epochs. Defaults α = 1, β = 8, T = 4 and a 20-epoch warm-up as in the paper's CIFAR setting
     (its ImageNet setting: α = β = 0.5, T = 1)."""
 
     name = "dkd"
@@ -281,26 +281,17 @@ class ConvRegressor(nn.Sequential):
 
 def _pairs(student: nn.Module, teacher: nn.Module, image_size: int, spec: str = "auto") -> list[tuple[str, str, int, int]]:
     """(teacher layer, student layer, teacher channels, student channels) of the stages to distill."""
-    tp, sp = feature_points(teacher, image_size), feature_points(student, image_size)
-    if spec != "auto":
-        t_name, s_name = _layer_pair(spec)
-        probe = {}
-        for model, n, side in ((teacher, t_name, "teacher"), (student, s_name, "student")):
-            taps = Taps(model, [n])
-            try:
-                with torch.no_grad():
-                    was = model.training
-                    model.eval()
-                    model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-                    model.train(was)
-                out = taps[n]
-            finally:
-                taps.remove()
-            if out.dim() != 4:
-                raise CompressError(f"{side} layer {n!r} does not output a feature map")
-            probe[side] = out.shape[1]
-        return [(t_name, s_name, probe["teacher"], probe["student"])]
-    return [(t.name, s.name, t.channels, s.channels) for t, s in match_points(tp, sp)]
+    if spec == "auto":
+        tp, sp = feature_points(teacher, image_size), feature_points(student, image_size)
+        return [(t.name, s.name, t.channels, s.channels) for t, s in match_points(tp, sp)]
+    t_name, s_name = _layer_pair(spec)
+    channels = []
+    for model, n, side in ((teacher, t_name, "teacher"), (student, s_name, "student")):
+        shape = probe(model, [n], image_size).get(n)
+        if shape is None or len(shape) != 4:
+            raise CompressError(f"{side} layer {n!r} does not output a feature map")
+        channels.append(shape[1])
+    return [(t_name, s_name, *channels)]
 
 
 @register

@@ -47,21 +47,24 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def feature_points(model: nn.Module, image_size: int) -> list[FeaturePoint]:
-    """The model's stages, deepest per stride, from shallow to deep."""
-    names = _candidate_names(model)
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, out, n=n: shapes.__setitem__(n, tuple(out.shape))) for n in names]
+def probe(model: nn.Module, names: list[str], image_size: int) -> dict[str, tuple[int, ...]]:
+    """Output shape of each named layer, from one eval-mode forward pass of a blank image."""
+    taps = Taps(model, names)
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         model(torch.zeros(1, 3, image_size, image_size, device=device))
+        return {n: tuple(t.shape) for n, t in taps.out.items() if hasattr(t, "shape")}
     finally:
-        for h in handles:
-            h.remove()
+        taps.remove()
         model.train(was_training)
+
+
+def feature_points(model: nn.Module, image_size: int) -> list[FeaturePoint]:
+    """The model's stages, deepest per stride, from shallow to deep."""
+    names = _candidate_names(model)
+    shapes = probe(model, names, image_size)
     by_reduction: dict[int, FeaturePoint] = {}
     for n in names:
         shape = shapes.get(n)
