@@ -27,6 +27,7 @@ sweep: $(STAMP)
 	$(VENV)/bin/compress sweep pipelines/sweep.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest
 
 smoke: $(STAMP)

@@ -28,9 +28,8 @@ from compress.bench import latency
 from compress.config import DataConfig
 from compress.data import load_data
 from compress.export import export_onnx
-from compress.int8 import kernel_report, ptq_static
 from compress.models import create_model, load_checkpoint
-from compress.quantize import calibrate, export_qdq, prepare_qat, qat_schedule
+from compress.qat import calibrate, export_qdq, kernel_report, prepare_qat, ptq_static, qat_schedule
 
 GOALS = {"mobilenetv2_100": 0.60, "resnet18": 0.40}  # INT8/FP32 latency goals at 224x224, 1 thread
 QAT_OVER_PTQ_GOAL = 1.05

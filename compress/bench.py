@@ -1,5 +1,4 @@
-"""onnxruntime CPU latency (warm-up, then timed runs: mean, p50, p90, p99), file size and the
-accuracy of an ONNX file itself."""
+"""onnxruntime CPU latency (warm-up, then timed runs: mean, p50, p90, p99) and file size."""
 
 from __future__ import annotations
 
@@ -8,10 +7,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from compress.errors import CompressError
-from compress.export import ort_predict, ort_session
+from compress.evaluate import ort_session
 
 
 def input_shape(session) -> list:
@@ -51,11 +49,6 @@ def latency(path: Path, image_size: int | None = None, threads: int = 1, warmup:
         "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)),
     }
-
-
-def onnx_accuracy(path: Path, ds: Dataset) -> float:
-    logits, targets = ort_predict(ort_session(path), ds)
-    return float((logits.argmax(1) == targets).mean())
 
 
 def file_size(path: Path) -> int:

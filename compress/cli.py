@@ -1,8 +1,9 @@
 """Command line: parses flags into config overrides and calls the library. Failures a user can fix
-print one line on stderr and exit with code 2."""
+print one line on stderr and exit with code 2; ``-v``/``-q`` set how much the log says."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,16 @@ from compress.errors import CompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, prune, quantize and export image classifiers for edge CPUs.")
+
+
+@app.callback()
+def _options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="say more (repeatable): debug lines"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only"),
+) -> None:
+    from compress.logs import setup
+
+    setup(-1 if quiet else verbose)
 
 
 @app.command()
@@ -30,6 +41,7 @@ def pipeline(
     """Run a recipe's stages; unchanged stages are skipped."""
     from compress.config import load_recipe
     from compress.pipeline import run_pipeline
+    from compress.report import write_reports
 
     overrides = list(set_)
     for key, value in (("teacher.model", teacher), ("distill.student", student), ("data.dataset", dataset),
@@ -40,6 +52,7 @@ def pipeline(
         overrides.append("data.download=true")
     cfg = load_recipe(recipe, overrides)
     ctx = run_pipeline(cfg, artifacts=artifacts, force=force)
+    write_reports(ctx)
     typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
     typer.echo((ctx.run_dir / "report.md").read_text())
 
@@ -57,7 +70,7 @@ def export(
 
     from compress.export import export_onnx
     from compress.models import load_checkpoint
-    from compress.quantize import export_qdq, load_qat_checkpoint
+    from compress.qat import export_qdq, load_qat_checkpoint
 
     meta_path = checkpoint.with_suffix(".json")
     try:
@@ -96,8 +109,8 @@ def bench(
     import json
     import os
 
-    from compress.bench import onnx_accuracy
     from compress.edgebench import bench_files, markdown, write_report
+    from compress.evaluate import onnx_accuracy
 
     ncpu = os.cpu_count() or 1
     threads = [ncpu if t == 0 else t for t in threads]
@@ -116,8 +129,7 @@ def bench(
     for m in models:
         if not m.is_file():
             raise CompressError(f"ONNX file not found: {m}")
-    result = bench_files(models, list(dict.fromkeys(runtime)), threads, batch, size or None, core_list, warmup, runs,
-                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = bench_files(models, list(dict.fromkeys(runtime)), threads, batch, size or None, core_list, warmup, runs)
     if dataset:
         from pydantic import ValidationError
 
@@ -132,7 +144,7 @@ def bench(
             f["accuracy"] = onnx_accuracy(Path(f["file"]), data.test)
     write_report(result, out)
     typer.echo(json.dumps(result, indent=2) if as_json else markdown(result))
-    print(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.html'}", file=sys.stderr)
+    logging.getLogger("compress.cli").info(f"wrote {out / 'bench.md'}, {out / 'bench.json'}, {out / 'bench.html'}")
 
 
 @app.command()
@@ -200,42 +212,50 @@ def sweep(
     _run_recipe(run_sweep, recipe, set_, artifacts, force)
 
 
-def _click_exceptions():
-    """Recent typer releases carry their own copy of click; older ones use click itself."""
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What a bad command line raises: typer's own exceptions (typer >= 0.20 carries its own copy of
+    click), or click's for older typer releases."""
+    kinds: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
     try:
-        from typer._click import exceptions
+        import click
+
+        kinds.append(click.ClickException)
     except ImportError:
-        from click import exceptions
-    return exceptions
+        pass
+    return tuple(kinds)
 
 
-_CLICK = _click_exceptions()
-# click >= 8.2 names it NoArgsIsHelpError, older releases NoArgsIsHelp
-_NO_ARGS_IS_HELP = getattr(_CLICK, "NoArgsIsHelpError", None) or getattr(_CLICK, "NoArgsIsHelp", None) \
-    or type("_Never", (Exception,), {})
+def _exits() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [typer.Exit]
+    try:
+        import click
+
+        kinds.append(click.exceptions.Exit)
+    except (ImportError, AttributeError):
+        pass
+    return tuple(kinds)
 
 
 def main() -> None:
     """Entry point: one line on stderr and exit 2 for every error a user can fix."""
     command = typer.main.get_command(app)
+    args = sys.argv[1:] or ["--help"]
     try:
-        command.main(args=sys.argv[1:], prog_name="compress", standalone_mode=False)
+        command.main(args=args, prog_name="compress", standalone_mode=False)
     except CompressError as e:
+        logging.getLogger("compress").debug("failed", exc_info=True)
         print(f"compress: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except _NO_ARGS_IS_HELP as e:
-        typer.echo(e.ctx.get_help() if getattr(e, "ctx", None) else "")
-        sys.exit(0)
-    except (typer.Exit, getattr(_CLICK, "Exit", typer.Exit)) as e:
+    except _exits() as e:
         sys.exit(getattr(e, "exit_code", 0))
-    except _CLICK.ClickException as e:
+    except _usage_errors() as e:
         print(f"compress: error: {e.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except (typer.Abort, getattr(_CLICK, "Abort", typer.Abort)):
-        print("compress: interrupted", file=sys.stderr)
-        sys.exit(130)
     except KeyboardInterrupt:
         print("compress: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except typer.Abort:
+        print("compress: interrupted", file=sys.stderr)
         sys.exit(130)
 
 

@@ -4,13 +4,19 @@ and killed runs resume, and the teacher is trained once (the shared teacher cach
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from compress.config import PipelineConfig, validate_recipe
+from compress.data import load_data
 from compress.distill.methods import METHODS, summary
 from compress.errors import CompressError, ConfigError
 from compress.fsio import write_json, write_text
-from compress.pipeline import log, run_pipeline
+from compress.models import resolve_name
+from compress.pipeline import run_pipeline
+from compress.report import write_reports
+
+log = logging.getLogger(__name__)
 
 
 def method_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
@@ -31,11 +37,12 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
     rows, failed = [], []
     configs = {m: method_config(cfg, m) for m in cfg.compare.methods}  # every recipe checked before training
     for i, method in enumerate(cfg.compare.methods):
-        log(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
+        log.info(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
         try:
             ctx = run_pipeline(configs[method], artifacts=out_dir, force=force, cache_dir=artifacts / ".cache")
+            write_reports(ctx)
         except CompressError as e:  # one method failing (e.g. a diverging loss) does not stop the others
-            log(f"[compare] {method} failed: {e}")
+            log.info(f"[compare] {method} failed: {e}")
             failed.append(method)
             rows.append({"method": method, "summary": summary(METHODS[method]), "failed": str(e)})
             continue
@@ -58,14 +65,11 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
             "final_loss": m["history"][-1]["loss"] if m["history"] else None, "params": m["params"],
             "method_params": m.get("method_params", {}), **extra,
         })
-    from compress.data import load_data
-    from compress.models import resolve_name
-
     result = {"name": cfg.name, "student": resolve_name(cfg.distill.student), "teacher": resolve_name(cfg.teacher.model),
               "dataset": load_data(cfg.data).describe(), "epochs": cfg.distill.epochs, "rows": rows}
     write_json(out_dir / "compare.json", result)
     write_text(out_dir / "report.md", markdown(cfg, result))
-    log(f"[compare] table: {out_dir / 'report.md'}")
+    log.info(f"[compare] table: {out_dir / 'report.md'}")
     if failed:
         raise CompressError(f"compare: {', '.join(failed)} failed (see {out_dir / 'report.md'})")
     return result

@@ -9,56 +9,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from compress.data import DataConfig
+from compress.distill.methods import METHODS, validate_params
 from compress.errors import CompressError, ConfigError
+from compress.graph import DEFAULT_STAGES, check_stages
+from compress.models import resolve_name
+from compress.train import TrainConfig
 
-STAGE_ORDER = ("teacher", "assistant", "distill", "prune", "quantize", "export", "bench")
-# what each stage reads; prune and quantize are optional for the stages after them. The assistant
-# stage runs when the distillation method needs one (it is added to the stages by itself).
-STAGE_NEEDS = {"teacher": (), "assistant": ("teacher",), "distill": ("teacher",), "prune": ("distill",),
-               "quantize": ("distill",), "export": ("distill",), "bench": ("export",)}
+__all__ = ["DataConfig", "TrainConfig", "PipelineConfig", "load_recipe", "validate_recipe"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Strict):
-    """Which images, how they are split and fed."""
-
-    dataset: str = Field("digits", description="digits | cifar10 | cifar100 | imagefolder:PATH")
-    root: str = Field("data", description="where cifar10/cifar100 live or are downloaded to")
-    download: bool = Field(False, description="download cifar10/cifar100 if absent (needs the network)")
-    image_size: int = Field(32, ge=8, le=1024)
-    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.3, gt=0.0, lt=0.9)
-    split_seed: int = Field(0, ge=0)
-    batch_size: int = Field(64, ge=2, le=4096)
-    augment: bool = Field(True, description="random shifts of up to 1/8 of the image while training")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        if v in ("digits", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
-            return v
-        raise ValueError("must be digits, cifar10, cifar100 or imagefolder:PATH")
-
-
-class TrainConfig(_Strict):
-    """Settings of the one training loop, shared by every stage that trains."""
-
-    epochs: int = Field(15, ge=0, le=10_000)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0.0, le=10.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
-    warmup_epochs: int = Field(1, ge=0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-
-
 def _model_name(v: str) -> str:
-    from compress.models import resolve_name
-
     try:
         resolve_name(v)
     except CompressError as e:
@@ -99,22 +64,16 @@ class DistillConfig(TrainConfig):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from compress.distill.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(f"unknown distillation method {v!r}; valid: {', '.join(METHODS)}")
         return v
 
     @model_validator(mode="after")
     def _method_params(self) -> "DistillConfig":
-        from compress.distill.methods import validate_params
-
         validate_params(self.method, self.params)
         return self
 
     def method_params(self):
-        from compress.distill.methods import validate_params
-
         return validate_params(self.method, self.params)
 
 
@@ -193,8 +152,6 @@ class BenchConfig(_Strict):
 
 def _method_list(v: list[str]) -> list[str]:
     """Distillation method names, each known and listed once."""
-    from compress.distill.methods import METHODS
-
     for m in v:
         if m not in METHODS:
             raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
@@ -217,8 +174,6 @@ class CompareConfig(_Strict):
 
     @model_validator(mode="after")
     def _params(self) -> "CompareConfig":
-        from compress.distill.methods import validate_params
-
         for m, p in self.params.items():
             if m not in self.methods:
                 raise ValueError(f"params.{m}: not one of the compared methods")
@@ -239,8 +194,6 @@ class SweepConfig(_Strict):
     @field_validator("students")
     @classmethod
     def _students(cls, v: list[str]) -> list[str]:
-        from compress.models import resolve_name
-
         out = [resolve_name(_model_name(n)) for n in v]
         if len(set(out)) != len(out):
             raise ValueError("each student may appear once")
@@ -249,8 +202,6 @@ class SweepConfig(_Strict):
     @field_validator("series")
     @classmethod
     def _series(cls, v: list[str]) -> list[str]:
-        from compress.distill.methods import METHODS
-
         for m in _method_list(v):
             if METHODS[m].uses_assistant or METHODS[m].teachers == "many":
                 raise ValueError(f"{m!r} needs extra models per student; a sweep series takes one teacher or none")
@@ -260,7 +211,7 @@ class SweepConfig(_Strict):
 class PipelineConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
-    stages: list[str] = Field([s for s in STAGE_ORDER if s != "assistant"])
+    stages: list[str] = Field(list(DEFAULT_STAGES))
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
@@ -277,9 +228,7 @@ class PipelineConfig(_Strict):
         """A method that distills through an assistant gets the assistant stage before distill."""
         if not isinstance(raw, dict):
             return raw
-        from compress.distill.methods import METHODS
-
-        stages = raw.get("stages", [s for s in STAGE_ORDER if s != "assistant"])
+        stages = raw.get("stages", list(DEFAULT_STAGES))
         distill = raw.get("distill")
         method = distill.get("method", "kd") if isinstance(distill, dict) else getattr(distill, "method", "kd")
         if (isinstance(stages, list) and "distill" in stages and "assistant" not in stages
@@ -290,8 +239,6 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _assistant_needs_method(self) -> "PipelineConfig":
-        from compress.distill.methods import METHODS
-
         if "assistant" in self.stages and not METHODS[self.distill.method].uses_assistant:
             raise ValueError(f"stage 'assistant' runs only for a method with an assistant (ta), "
                              f"not {self.distill.method!r}")
@@ -300,15 +247,7 @@ class PipelineConfig(_Strict):
     @field_validator("stages")
     @classmethod
     def _stages(cls, v: list[str]) -> list[str]:
-        unknown = [s for s in v if s not in STAGE_ORDER]
-        if unknown:
-            raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGE_ORDER)}")
-        if v != [s for s in STAGE_ORDER if s in v]:
-            raise ValueError(f"stages must keep the order {' -> '.join(STAGE_ORDER)}")
-        for s in v:
-            for need in STAGE_NEEDS[s]:
-                if need not in v:
-                    raise ValueError(f"stage {s!r} needs stage {need!r} before it")
+        check_stages(v)
         return v
 
 

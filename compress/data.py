@@ -3,6 +3,7 @@ imagefolder:PATH; seeded stratified splits; upscaling to the training size; norm
 
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,14 +11,38 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import Dataset, Subset
 
-from compress.config import DataConfig
 from compress.errors import CompressError
+from compress.evaluate import loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class DataConfig(BaseModel):
+    """Which images, how they are split and fed."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dataset: str = Field("digits", description="digits | cifar10 | cifar100 | imagefolder:PATH")
+    root: str = Field("data", description="where cifar10/cifar100 live or are downloaded to")
+    download: bool = Field(False, description="download cifar10/cifar100 if absent (needs the network)")
+    image_size: int = Field(32, ge=8, le=1024)
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.9)
+    split_seed: int = Field(0, ge=0)
+    batch_size: int = Field(64, ge=2, le=4096)
+    augment: bool = Field(True, description="random shifts of up to 1/8 of the image while training")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v in ("digits", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
+            return v
+        raise ValueError("must be digits, cifar10, cifar100 or imagefolder:PATH")
 
 
 class ImageDataset(Dataset):
@@ -330,3 +355,25 @@ def hash_strings(items: list[str]) -> str:
     import hashlib
 
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+def without_augmentation(ds: Dataset) -> Dataset:
+    """The same images without random shifts (calibration and pruning importance must see the data as
+    inference does)."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    clean = copy.copy(base)
+    clean.augment = False
+    return Subset(clean, ds.indices) if isinstance(ds, Subset) else clean
+
+
+def calibration_array(ds: Dataset, size: int, limit: int) -> np.ndarray:
+    """Up to ``limit`` images of ``ds`` without augmentation, resized to ``size``, as float32 NCHW."""
+    xs = []
+    for x, _ in loader(without_augmentation(ds), 256):
+        xs.append(x)
+        if sum(len(b) for b in xs) >= limit:
+            break
+    x = torch.cat(xs)[:limit]
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.numpy().astype(np.float32)

@@ -8,6 +8,7 @@ installed, OpenVINO reading the same ONNX file; a runtime that is absent is repo
 from __future__ import annotations
 
 import importlib.util
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import CompressError
+from compress.errors import CompressError, short
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -106,7 +109,7 @@ def _child(conn, args) -> None:
     try:
         conn.send(("ok", _measure(*args)))
     except BaseException as e:  # noqa: BLE001 - the parent records the failure in the cell
-        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        conn.send(("error", short(e, 1000)))
     finally:
         conn.close()
 
@@ -139,8 +142,8 @@ def machine() -> dict:
 
 
 def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batches: list[int],
-                sizes: list[int] | None, cores: list[int] | None, warmup: int, runs: int, labels: list[str] | None = None,
-                log=lambda m: None) -> dict:
+                sizes: list[int] | None, cores: list[int] | None, warmup: int, runs: int,
+                labels: list[str] | None = None) -> dict:
     for f in files:
         if not Path(f).is_file():
             raise CompressError(f"ONNX file not found: {f}")
@@ -175,7 +178,7 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
                             cell["error"] = f"fixed batch {dims[0]}"
                         else:
                             cell.update(run_cell(str(f), runtime, t, b, s, pinned, warmup, runs))
-                        log(f"[bench] {label} {runtime} {t} thread(s) batch {b} {s}×{s}: " + (
+                        log.info(f"[bench] {label} {runtime} {t} thread(s) batch {b} {s}×{s}: " + (
                             cell["error"] if "error" in cell else
                             f"p50 {cell['p50_ms']:.3f} ms, {cell['throughput_ips']:.0f} img/s, load {cell['load_ms']:.0f} ms, "
                             f"peak {cell['peak_rss_mb']:.0f} MB"))

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from compress.errors import CheckFailed, CompressError
+from compress.errors import CheckFailed, CompressError, short
+from compress.evaluate import ort_predict, ort_session, predict
 from compress.fsio import atomic_path
-from compress.train import loader, predict
+from compress.metrics import accuracy
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -36,14 +37,14 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int = 18, 
                 _export(model, x, tmp, opset, dynamo)
                 break
             except Exception as e:  # noqa: BLE001 - the second exporter gets its chance
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {short(e)}")
         else:
             raise CompressError(f"ONNX export of {type(model).__name__} failed ({'; '.join(errors)})")
         proto = onnx.load(str(tmp))
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as e:
-            raise CompressError(f"exported ONNX does not pass onnx.checker: {str(e).splitlines()[0]}") from None
+            raise CompressError(f"exported ONNX does not pass onnx.checker: {short(e, 1000, typed=False)}") from None
         if metadata:
             set_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
@@ -87,31 +88,6 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in proto.metadata_props}
 
 
-def ort_session(path: Path, threads: int = 0, optimized_path: Path | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
-        raise CompressError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
-
-
-def ort_predict(session, ds: Dataset, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    name = session.get_inputs()[0].name
-    outs, ys = [], []
-    for x, y in loader(ds, batch_size):
-        outs.append(session.run(None, {name: x.numpy()})[0])
-        ys.append(y.numpy())
-    return np.concatenate(outs), np.concatenate(ys)
-
-
 def parity(model: nn.Module, onnx_path: Path, ds: Dataset, max_abs_diff: float, min_agreement: float) -> dict:
     """Compare ONNX (onnxruntime) and PyTorch logits on the whole split; fail past the tolerances."""
     ref, targets = predict(model.eval().cpu(), ds)
@@ -123,8 +99,8 @@ def parity(model: nn.Module, onnx_path: Path, ds: Dataset, max_abs_diff: float, 
         "images": int(len(ref)),
         "max_abs_logit_diff": diff,
         "argmax_agreement": agree,
-        "onnx_accuracy": float((got.argmax(1) == targets.numpy()).mean()),
-        "torch_accuracy": float((ref.argmax(1) == targets.numpy()).mean()),
+        "onnx_accuracy": accuracy(got, targets.numpy()),
+        "torch_accuracy": accuracy(ref, targets.numpy()),
         "passed": bool(diff <= max_abs_diff and agree >= min_agreement),
     }
     if not result["passed"]:

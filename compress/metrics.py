@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float((logits.argmax(1) == targets).float().mean())
+def accuracy(logits, targets) -> float:
+    """Share of rows whose largest logit is the target; torch tensors or numpy arrays."""
+    correct = int((logits.argmax(1) == targets).sum())
+    return correct / len(targets) if len(targets) else float("nan")
 
 
 def relative_error(student_acc: float, teacher_acc: float) -> float | None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.fsio import atomic_path, write_json
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,6 @@ def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically."""
     from safetensors.torch import save_file
 
-    from compress.fsio import atomic_path, write_json
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
@@ -134,13 +133,62 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CompressError(f"checkpoint metadata not found: {meta_path}")
     try:
         meta = json.loads(meta_path.read_text())
-        name, num_classes = meta["model"], int(meta["num_classes"])
+        model = model_from_meta(meta)
     except (ValueError, KeyError, TypeError):
         raise CompressError(f"checkpoint metadata {meta_path} is corrupt") from None
-    model = create_model(name, num_classes)
-    if meta.get("arch"):  # a pruned model: its layers take the stored channel counts first
-        from compress.prune import apply_architecture
-
-        apply_architecture(model, meta["arch"])
     load_weights(model, path)
     return model.eval(), meta
+
+
+def model_from_meta(meta: dict[str, Any]) -> nn.Module:
+    """A fresh model of the architecture a checkpoint's metadata describes: its registry name and
+    classes, and for a pruned model the stored channel counts."""
+    model = create_model(meta["model"], int(meta["num_classes"]))
+    if meta.get("arch"):
+        apply_architecture(model, meta["arch"])
+    return model
+
+
+# -- architecture of a pruned model, stored beside its weights --------------------------------
+
+
+def architecture(model: nn.Module) -> dict[str, dict]:
+    """The channel counts of every convolution, BatchNorm and linear layer (what pruning changes)."""
+    arch = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            arch[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            arch[name] = {"features": m.num_features}
+        elif isinstance(m, nn.Linear):
+            arch[name] = {"in": m.in_features, "out": m.out_features}
+    return arch
+
+
+def apply_architecture(model: nn.Module, arch: dict[str, dict]) -> nn.Module:
+    """Resize the layers of a freshly built model to the channel counts of ``arch`` (values are then
+    loaded from the checkpoint)."""
+    modules = dict(model.named_modules())
+    for name, spec in arch.items():
+        m = modules.get(name)
+        if m is None:
+            raise CompressError(f"pruned architecture names a layer {name!r} the model does not have")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = spec["in"], spec["out"], spec["groups"]
+            m.weight = nn.Parameter(torch.empty(spec["out"], spec["in"] // spec["groups"], *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(spec["out"]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = spec["features"]
+            m.num_features = n
+            if m.affine:
+                m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
+            if m.track_running_stats:
+                m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = spec["in"], spec["out"]
+            m.weight = nn.Parameter(torch.empty(spec["out"], spec["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(spec["out"]))
+    return model
+

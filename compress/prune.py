@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, short
 from compress.metrics import count_macs
 
 IMPORTANCES = ("l1", "l2", "bn_scale", "taylor")
@@ -106,7 +106,7 @@ def build_pruners(p: Plan, imp_name: str, max_ratio: float, steps: int, round_to
             )
         except Exception as e:  # noqa: BLE001
             raise CompressError(f"torch-pruning cannot trace {u.name} of {type(u.module).__name__}: "
-                                f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+                                f"{short(e, 120)}") from None
 
 
 def prune_to(model: nn.Module, p: Plan, macs_goal: int, image_size: int,
@@ -128,50 +128,6 @@ def prune_to(model: nn.Module, p: Plan, macs_goal: int, image_size: int,
             break
         macs = count_macs(model, image_size)
     return macs
-
-
-# -- architecture of a pruned model, stored beside its weights --------------------------------
-
-
-def architecture(model: nn.Module) -> dict[str, dict]:
-    """The channel counts of every convolution, BatchNorm and linear layer (what pruning changes)."""
-    arch = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            arch[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            arch[name] = {"features": m.num_features}
-        elif isinstance(m, nn.Linear):
-            arch[name] = {"in": m.in_features, "out": m.out_features}
-    return arch
-
-
-def apply_architecture(model: nn.Module, arch: dict[str, dict]) -> nn.Module:
-    """Resize the layers of a freshly built model to the channel counts of ``arch`` (values are then
-    loaded from the checkpoint)."""
-    modules = dict(model.named_modules())
-    for name, spec in arch.items():
-        m = modules.get(name)
-        if m is None:
-            raise CompressError(f"pruned architecture names a layer {name!r} the model does not have")
-        if isinstance(m, nn.Conv2d):
-            m.in_channels, m.out_channels, m.groups = spec["in"], spec["out"], spec["groups"]
-            m.weight = nn.Parameter(torch.empty(spec["out"], spec["in"] // spec["groups"], *m.kernel_size))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(spec["out"]))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = spec["features"]
-            m.num_features = n
-            if m.affine:
-                m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
-            if m.track_running_stats:
-                m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
-        elif isinstance(m, nn.Linear):
-            m.in_features, m.out_features = spec["in"], spec["out"]
-            m.weight = nn.Parameter(torch.empty(spec["out"], spec["in"]))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(spec["out"]))
-    return model
 
 
 def channel_report(before: dict, after: dict) -> dict:

@@ -1,10 +1,13 @@
-"""summary.json and report.md: the teacher-vs-student table, built from the stages' metrics."""
+"""summary.json, report.md and report.html of a run: the teacher-vs-student table, built from the
+stages' metrics and the artifact table. Asked for by whoever ran the pipeline (the CLI, compare,
+sweep); the runner writes no report."""
 
 from __future__ import annotations
 
 from compress import __version__
+from compress.artifacts import ARTIFACTS, TABLE, architecture_stage
+from compress.context import RunContext
 from compress.fsio import write_json, write_text
-from compress.pipeline import RunContext
 
 
 def _fmt(v, spec: str = ".4f", none: str = "n/a") -> str:
@@ -17,31 +20,27 @@ def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e6:.2f} MB"
 
 
-ROLE_LABELS = {"teacher": "teacher", "student": "student FP32", "student_pruned": "student pruned FP32",
-               "student_int8": "student INT8 (QAT)", "student_int8_ptq": "student INT8 (PTQ)"}
-_TORCH_STAGE = {"teacher": "teacher", "student": "distill", "student_pruned": "prune", "student_int8": "quantize"}
-
-
 def _rows(ctx: RunContext) -> list[dict]:
     res = ctx.results
     bench = res["bench"].metrics["models"] if "bench" in res else {}
     export = res["export"].metrics if "export" in res else {}
-    exported = [k for k, v in export.items() if isinstance(v, dict) and "file" in v]
-    roles = list(bench) or exported or [r for r, st in _TORCH_STAGE.items() if st in res]
+    roles = list(bench) or [r for r in export if r in ARTIFACTS] or \
+        [a.role for a in TABLE if a.has_torch_twin and a.stage in res]
     rows = []
     for role in roles:
-        stage = _TORCH_STAGE.get(role)
-        m = res[stage].metrics if stage in res else {}
+        artifact = ARTIFACTS[role]
+        m = res[artifact.stage].metrics if artifact.has_torch_twin and artifact.stage in res else {}
         b, e = bench.get(role, {}), export.get(role, {})
         distill = res["distill"].metrics if "distill" in res else {}
         # quantized files keep the architecture they were made from: the pruned one when pruning ran
-        arch_src = res["prune"].metrics if "prune" in res and role != "student" else distill
+        arch_stage = architecture_stage(artifact, ctx.cfg.stages)
+        arch_src = res[arch_stage].metrics if arch_stage in res and artifact.stage != "teacher" else distill
         review = b.get("review") or (distill if role == "student" else {})
         rows.append({
             "role": role,
-            "label": ROLE_LABELS.get(role, role),
+            "label": artifact.label,
             "model": b.get("model") or m.get("model") or distill.get("model"),
-            "precision": b.get("precision", "int8" if "int8" in role else "fp32"),
+            "precision": b.get("precision", artifact.precision),
             # quantization keeps the student's architecture: its parameter and MAC counts are the student's
             "params": b.get("params", m.get("params", arch_src.get("params"))),
             "macs": (b.get("macs") or {}).get(str(ctx.cfg.data.image_size), m.get("macs", arch_src.get("macs"))),
@@ -163,13 +162,13 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
                   "| model | file | max abs logit diff | argmax agreement | convolutions onnxruntime runs in int8 / float |",
                   "|---|---|---|---|---|"]
         for role, e in ctx.results["export"].metrics.items():
-            if not isinstance(e, dict) or "file" not in e:
+            if role not in ARTIFACTS:
                 continue
             p, k = e.get("parity"), e.get("kernels")
             diff = f"{p['max_abs_logit_diff']:.2e}" if p else "—"
             agree = f"{p['argmax_agreement']:.2%}" if p else "— (no PyTorch twin)"
             kern = f"{k['quantized_convolutions']} / {k['float_convolutions']}" if k else "— (FP32)"
-            lines.append(f"| {ROLE_LABELS.get(role, role)} | `{e['file']}` | {diff} | {agree} | {kern} |")
+            lines.append(f"| {ARTIFACTS[role].label} | `{e['file']}` | {diff} | {agree} | {kern} |")
     lines += ["", "## Stages", "", "| " + " | ".join(STAGE_HEAD) + " |", "|" + "---|" * len(STAGE_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in stage_rows(ctx)]
     lines += ["", "## Lineage", "", "| | |", "|---|---|"]

@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 from pathlib import Path
 
+from compress.bench import latency
 from compress.config import PipelineConfig, validate_recipe
+from compress.context import RunContext
+from compress.data import calibration_array
 from compress.errors import ConfigError
+from compress.export import export_onnx
 from compress.fsio import read_json, sha256_json, write_json, write_text
-from compress.pipeline import log, run_pipeline
+from compress.models import list_models
+from compress.pipeline import run_pipeline
+from compress.qat import ptq_static
+from compress.report import write_reports
+from compress.stages.common import load_stage_model
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["student", "series", "params", "macs", "distillation_factor", "relative_error", "accuracy",
            "kl_teacher_student", "correlation", "fp32_latency_ms", "int8_latency_ms", "train_seconds"]
@@ -28,8 +39,6 @@ PLOTS = {"accuracy_vs_distillation_factor.png": "accuracy vs distillation factor
 
 
 def students(cfg: PipelineConfig) -> list[str]:
-    from compress.models import list_models
-
     return list(cfg.sweep.students) or [s.name for s in list_models(role="student")]
 
 
@@ -42,13 +51,8 @@ def run_config(cfg: PipelineConfig, student: str, series: str) -> PipelineConfig
     return validate_recipe(raw, f"sweep.{student}.{series}")
 
 
-def measure_latency(ctx, cfg: PipelineConfig, out_dir: Path) -> dict:
+def measure_latency(ctx: RunContext, cfg: PipelineConfig, out_dir: Path) -> dict:
     """FP32 and PTQ-INT8 latency of the run's student at the sweep's size, cached per architecture."""
-    from compress.bench import latency
-    from compress.export import export_onnx
-    from compress.int8 import ptq_static
-    from compress.stages import _calibration_array, load_stage_model
-
     sw = cfg.sweep
     student = ctx.results["distill"].metrics["model"]
     key = sha256_json({"student": student, "size": sw.latency_size, "runs": sw.latency_runs, "threads": sw.threads,
@@ -66,13 +70,13 @@ def measure_latency(ctx, cfg: PipelineConfig, out_dir: Path) -> dict:
     model = load_stage_model(ctx, "distill")
     fp32, int8 = work / "fp32.onnx", work / "int8.onnx"
     export_onnx(model, fp32, sw.latency_size, opset=cfg.export.opset)
-    ptq_static(fp32, int8, _calibration_array(ctx, sw.latency_size, 64))
+    ptq_static(fp32, int8, calibration_array(ctx.data.train, sw.latency_size, 64))
     result = {"key": key, "student": student, "size": sw.latency_size, "threads": sw.threads}
     for tag, f in (("fp32", fp32), ("int8", int8)):
         lat = latency(f, sw.latency_size, threads=sw.threads, warmup=5, runs=sw.latency_runs)
         result[f"{tag}_p50_ms"] = lat["p50_ms"]
         result[f"{tag}_size_bytes"] = f.stat().st_size
-    log(f"[sweep] {student}: p50 FP32 {result['fp32_p50_ms']:.2f} ms, INT8 {result['int8_p50_ms']:.2f} ms "
+    log.info(f"[sweep] {student}: p50 FP32 {result['fp32_p50_ms']:.2f} ms, INT8 {result['int8_p50_ms']:.2f} ms "
         f"at {sw.latency_size}×{sw.latency_size}, {sw.threads} thread(s)")
     write_json(path, result)
     shutil.rmtree(work, ignore_errors=True)
@@ -87,9 +91,10 @@ def run_sweep(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: b
     configs = {(s, m): run_config(cfg, s, m) for s in names for m in cfg.sweep.series}  # all checked first
     rows, teacher = [], None
     for i, (student, series) in enumerate(configs):
-        log(f"[sweep] {i + 1}/{len(configs)}: {student} {series}")
+        log.info(f"[sweep] {i + 1}/{len(configs)}: {student} {series}")
         ctx = run_pipeline(configs[(student, series)], artifacts=out_dir / "runs", force=force,
                            cache_dir=artifacts / ".cache")
+        write_reports(ctx)
         m = ctx.results["distill"].metrics
         teacher = ctx.results["teacher"].metrics
         lat = measure_latency(ctx, cfg, out_dir)
@@ -115,7 +120,7 @@ def run_sweep(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: b
         tmp.replace(out_dir / fname)
     write_text(out_dir / "report.md", markdown(result))
     write_text(out_dir / "report.html", html_page(result, figs))
-    log(f"[sweep] wrote {out_dir}/sweep.csv, sweep.json, report.html and {len(figs)} plots")
+    log.info(f"[sweep] wrote {out_dir}/sweep.csv, sweep.json, report.html and {len(figs)} plots")
     return result
 
 

@@ -6,6 +6,7 @@ to an uninterrupted one (on the same machine and thread count)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -13,19 +14,56 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from compress.config import TrainConfig
-from compress.distill.losses import DistillLoss
-from compress.distill.methods import LogitLoss, Objective
 from compress.errors import CompressError
+from compress.evaluate import loader, predict
+from compress.metrics import accuracy
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+
+
+class TrainConfig(BaseModel):
+    """Settings of the one training loop, shared by every stage that trains."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    epochs: int = Field(15, ge=0, le=10_000)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class Objective(nn.Module):
+    """What the loop minimizes: ``forward(model, x, y) -> (loss, model_logits)``.
+
+    The interface the training loop needs and nothing more; the distillation methods implement it.
+    Modules registered on the objective (adapters, peers) are optimized and checkpointed with the
+    model; ``frozen_models()`` (teachers) are moved to the device and never trained."""
+
+    def frozen_models(self) -> list[nn.Module]:
+        return []
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called at the start of each epoch (0-based)."""
+
+    def release(self) -> None:
+        """Called when training ends: remove hooks put on the model."""
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -50,29 +88,6 @@ def seed_everything(seed: int) -> None:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31)
-
-
-def loader(ds: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
-    drop_last = shuffle and len(ds) > batch_size  # a lone 1-image batch breaks BatchNorm
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, num_workers=0)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, ds: Dataset, batch_size: int = 256, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets for a whole split, in order."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits, targets = [], []
-    for x, y in loader(ds, batch_size):
-        logits.append(model(x.to(device)).float().cpu())
-        targets.append(y)
-    model.train(was_training)
-    return torch.cat(logits), torch.cat(targets)
-
-
-def accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    return float((logits.argmax(1) == targets).float().mean())
 
 
 @dataclass
@@ -113,32 +128,21 @@ def fit(
     train_ds: Dataset,
     val_ds: Dataset,
     cfg: TrainConfig,
-    loss_fn: DistillLoss | Objective,
+    objective: Objective,
     work_dir: Path,
     *,
     seed: int,
     batch_size: int,
-    teacher: nn.Module | None = None,
     desc: str = "train",
     on_epoch_end: Callable[[int, dict], None] | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> FitResult:
-    """Train ``model`` in place for ``cfg.epochs``; resume from ``work_dir/last.pt`` if present.
-
-    ``loss_fn`` is a distillation method's objective (bound to its teachers already), or a loss of
-    logits used with ``teacher``. What the objective trains besides the model (regressors, peers) is
-    optimized and checkpointed with it; its hooks are removed when training ends."""
+    """Train ``model`` in place for ``cfg.epochs`` minimizing ``objective``; resume from
+    ``work_dir/last.pt`` if present. What the objective trains besides the model (regressors, peers)
+    is optimized and checkpointed with it; its hooks are removed when training ends."""
     device = pick_device(cfg.device)
     model.to(device)
-    if isinstance(loss_fn, Objective):
-        objective = loss_fn
-    else:
-        objective = LogitLoss(loss_fn)
-        if loss_fn.needs_teacher:
-            if teacher is None:
-                raise CompressError(f"{desc}: the loss needs a teacher and none was given")
-            objective.bind(model, [teacher.to(device)], image_size=0)
-    for t in objective._teachers:
+    for t in objective.frozen_models():
         t.to(device)
     objective.to(device)
     try:
@@ -166,7 +170,7 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
             start, result.history = 0, []
         result.resumed_from_epoch = start
         if start:
-            _log(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
+            log.info(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
     t0 = time.perf_counter()
     n_train = len(train_ds)
     for epoch in range(start, cfg.epochs):
@@ -200,7 +204,7 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
                "val_acc": accuracy(val_logits, val_y), "lr": optimizer.param_groups[0]["lr"]}
         result.history.append(row)
-        _log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
+        log.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
              f"val_acc {row['val_acc']:.4f} ({n_train} images)")
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         extra_state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
@@ -220,7 +224,3 @@ def _progress(it, desc: str):
 
         return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
     return it
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

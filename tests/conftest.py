@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.models import REGISTRY
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+NO_CHROMIUM = "Chromium is not installed (Debian package chromium; .ci/run installs it)"
+# every student of the registry and the lightest teacher: what pruning, QAT and export must handle
+EDGE_MODELS = sorted(n for n, s in REGISTRY.items() if s.role == "student") + ["resnet18"]
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compress.cli", *map(str, args)], cwd=cwd or ROOT,
+    return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -24,29 +29,29 @@ def cli():
     return run_cli
 
 
+def write_tiny_recipe(folder: Path, name: str = "tiny", **sections) -> Path:
+    """A recipe small enough for a test: 16 px digits, two light models, one epoch each."""
+    import yaml
+
+    raw = {
+        "name": name,
+        "seed": 0,
+        "stages": ["teacher", "distill", "export", "bench"],
+        "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
+        "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
+        "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01},
+        "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path):
-    """A recipe small enough for a test: 16 px digits, two light models, one epoch each."""
-
-    def make(name: str = "tiny", **sections) -> Path:
-        import yaml
-
-        raw = {
-            "name": name,
-            "seed": 0,
-            "stages": ["teacher", "distill", "export", "bench"],
-            "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
-            "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
-            "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01},
-            "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]},
-        }
-        for key, value in sections.items():
-            raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw))
-        return path
-
-    return make
+    return lambda name="tiny", **sections: write_tiny_recipe(tmp_path, name, **sections)
 
 
 def render(page: Path) -> dict:

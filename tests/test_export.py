@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from compress.bench import latency
-from compress.config import DataConfig
-from compress.data import load_data
-from compress.errors import CheckFailed
-from compress.export import export_onnx, ort_session, parity, read_metadata
+from compress.data import DataConfig, load_data
+from compress.errors import CheckFailed, CompressError
+from compress.evaluate import ort_session
+from compress.export import export_onnx, parity, read_metadata
 from compress.models import create_model
+from conftest import EDGE_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def data():
     return load_data(DataConfig(image_size=16))
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("name", EDGE_MODELS)
 def test_export_passes_checker_parity_and_has_dynamic_batch(name, data, tmp_path):
     torch.manual_seed(0)
     model = create_model(name, data.num_classes).eval()
@@ -44,9 +45,11 @@ def test_parity_failure_is_reported(data, tmp_path):
         parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0)
 
 
-def test_latency_reports_percentiles(data, tmp_path):
+def test_latency_measures_the_file_at_its_own_size(data, tmp_path):
     model = create_model("mobilenetv3_small_050", 10).eval()
     path = export_onnx(model, tmp_path / "m.onnx", 16)
-    lat = latency(path, 16, threads=1, warmup=2, runs=20)
-    assert lat["runs"] == 20 and lat["threads"] == 1
-    assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"]
+    lat = latency(path, threads=1, warmup=2, runs=20)
+    assert (lat["runs"], lat["threads"], lat["image_size"], lat["threads_setting"]) == (20, 1, 16, "1 thread")
+    assert lat["p50_ms"] > 0
+    with pytest.raises(CompressError, match="takes 16x16 inputs, not 32x32"):
+        latency(path, 32, threads=1, warmup=0, runs=1)

@@ -46,7 +46,8 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
     # a torch file is read with weights_only=True
     pt = tmp_path / "m.pt"
     torch.save(model.state_dict(), pt)
-    load_weights(create_model("mobilenetv3_small_050", 4), pt)
+    from_pt = load_weights(create_model("mobilenetv3_small_050", 4), pt).eval()
+    assert torch.equal(from_pt(x), model(x))
 
     corrupt = tmp_path / "bad.safetensors"
     corrupt.write_bytes(b"not a checkpoint at all")

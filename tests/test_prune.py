@@ -6,8 +6,9 @@ import torch
 from compress.config import validate_recipe
 from compress.errors import ConfigError
 from compress.metrics import count_macs, count_params
-from compress.models import create_model, load_checkpoint, save_checkpoint
-from compress.prune import apply_architecture, architecture, build_pruners, plan, prune_to
+from compress.models import apply_architecture, architecture, create_model, load_checkpoint, save_checkpoint
+from compress.prune import build_pruners, plan, prune_to
+from conftest import EDGE_MODELS
 
 
 def _pruned(name, target=0.5, importance="l2", size=32):
@@ -24,7 +25,7 @@ def _pruned(name, target=0.5, importance="l2", size=32):
     return model, base, p
 
 
-@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_small_050", "shufflenet_v2_x1_0", "resnet18"])
+@pytest.mark.parametrize("name", EDGE_MODELS)
 def test_pruning_removes_channels_and_keeps_the_network_whole(name, tmp_path):
     model, base, p = _pruned(name)
     macs = count_macs(model, 32)

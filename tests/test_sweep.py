@@ -4,9 +4,10 @@ import csv
 import json
 import struct
 
+import pytest
 
 from compress.sweep import pareto
-from conftest import CHROMIUM, render
+from conftest import CHROMIUM, NO_CHROMIUM, render, run_cli, write_tiny_recipe
 
 
 def _png_size(path):
@@ -22,34 +23,52 @@ def test_pareto_front_by_hand():
     assert pareto(rows) == [4, 0, 1, 3]  # row 2 is slower and less accurate than row 1
 
 
-def test_sweep_writes_csv_json_plots_and_resumes(cli, tiny_recipe, tmp_path):
-    art = tmp_path / "art"
-    recipe = tiny_recipe("sw", sweep={"students": ["mobilenetv2_035", "shufflenet_v2_x0_5"], "series": ["kd", "scratch"],
-                                      "latency_size": 32, "latency_runs": 3})
-    r = cli("sweep", recipe, "--artifacts", art)
-    assert r.returncode == 0, r.stderr
-    out = art / "sw"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two students × {kd, scratch}, swept once and then again."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    recipe = write_tiny_recipe(tmp, "sw", sweep={"students": ["mobilenetv2_035", "shufflenet_v2_x0_5"],
+                                                "series": ["kd", "scratch"], "latency_size": 32, "latency_runs": 3})
+    first = run_cli("sweep", recipe, "--artifacts", tmp / "art")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("sweep", recipe, "--artifacts", tmp / "art")
+    assert again.returncode == 0, again.stderr
+    return {"out": tmp / "art" / "sw", "again": again}
+
+
+@pytest.mark.e2e
+def test_sweep_writes_csv_json_and_plots(sweep):
+    out = sweep["out"]
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [(x["student"], x["series"]) for x in rows] == [
         ("mobilenetv2_035", "kd"), ("mobilenetv2_035", "scratch"), ("shufflenet_v2_x0_5", "kd"), ("shufflenet_v2_x0_5", "scratch")]
     result = json.loads((out / "sweep.json").read_text())
-    for row in result["rows"]:
-        assert row["distillation_factor"] > 1 and 0 <= row["accuracy"] <= 1
+    for row in result["rows"]:  # each row is its own run's distill stage
+        run = json.loads((out / "runs" / f"{row['student']}-{row['series']}" / "distill" / "metrics.json").read_text())
+        assert row["accuracy"] == run["test_accuracy"] and row["distillation_factor"] == run["distillation_factor"] > 1
         assert row["fp32_latency_ms"] > 0 and row["int8_latency_ms"] > 0
     assert result["pareto"]
     for name in ("accuracy_vs_distillation_factor.png", "accuracy_vs_relative_error.png", "accuracy_vs_latency.png"):
         w, h = _png_size(out / name)
         assert w > 300 and h > 200
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 3
-    if CHROMIUM:
-        shown = render(out / "report.html")
-        assert shown["images"] == 3 and shown["decoded"] == 3 and shown["rows"] == 4
-    again = cli("sweep", recipe, "--artifacts", art)
-    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_sweep_report_renders_in_chromium(sweep):
+    shown = render(sweep["out"] / "report.html")
+    assert shown["images"] == 3 and shown["decoded"] == 3 and shown["rows"] == 4
+
+
+@pytest.mark.e2e
+def test_sweep_resumes_without_retraining(sweep):
+    again = sweep["again"]
     assert again.stderr.count("[distill] unchanged, skipped") == 4 and "[distill] running" not in again.stderr
     assert "p50 FP32" not in again.stderr  # latency is cached per student too
 
 
+@pytest.mark.e2e
 def test_sweep_bad_input(cli, tiny_recipe, tmp_path):
     art = tmp_path / "art"
     r = cli("sweep", tiny_recipe("a", sweep={"students": ["resnet999"]}), "--artifacts", art)

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from compress.config import DataConfig, TrainConfig
-from compress.data import load_data
-from compress.distill import HintonKD
-from compress.train import fit, lr_at, predict
+from compress.data import DataConfig, load_data
+from compress.distill import HintonKD, logit_objective
+from compress.evaluate import predict
+from compress.train import TrainConfig, fit, lr_at
 from torch import nn
 
 
@@ -30,8 +30,8 @@ def _train(data, work, epochs=3, on_epoch_end=None, teacher=None, alpha=0.0):
     torch.manual_seed(0)
     model = small_cnn(data.num_classes)
     cfg = TrainConfig(epochs=epochs, lr=0.1, warmup_epochs=0)
-    fit(model, data.train, data.val, cfg, HintonKD(alpha=alpha), work, seed=0, batch_size=32,
-        teacher=teacher, on_epoch_end=on_epoch_end)
+    fit(model, data.train, data.val, cfg, logit_objective(HintonKD(alpha=alpha), model, teacher), work, seed=0,
+        batch_size=32, on_epoch_end=on_epoch_end)
     return model
 
 

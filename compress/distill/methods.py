@@ -15,6 +15,7 @@ from torch import nn
 from compress.distill import losses as L
 from compress.distill.taps import EMBEDDING, Taps, feature_points, match_points, probe
 from compress.errors import CompressError
+from compress.train import Objective as TrainingObjective
 
 
 class Params(BaseModel):
@@ -32,7 +33,7 @@ def _model_name(v: str) -> str:
         raise ValueError(str(e)) from None
 
 
-class Objective(nn.Module):
+class Objective(TrainingObjective):
     """How a method scores a batch: ``forward(student, x, y) -> (loss, student_logits)``.
 
     Teachers are kept outside the module's parameters (frozen, never saved in its state); what the
@@ -56,6 +57,9 @@ class Objective(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return type(self).teachers != "none"
+
+    def frozen_models(self) -> list[nn.Module]:
+        return self._teachers
 
     def bind(self, student: nn.Module, teachers: list[nn.Module], *, image_size: int,
              train_ds=None, make_model: Callable[[str, int], nn.Module] | None = None,
@@ -489,7 +493,8 @@ class CSKD(Objective):
 
 
 class LogitLoss(Objective):
-    """Adapter for a ``DistillLoss`` of logits (the stages after distill fine-tune with Hinton KD)."""
+    """Adapter for a ``DistillLoss`` of logits (the stages after distill fine-tune with Hinton KD);
+    build it with :func:`logit_objective`."""
 
     name = "logit_loss"
 
@@ -504,3 +509,15 @@ class LogitLoss(Objective):
     def forward(self, student, x, y):
         s = student(x)
         return self.loss(s, y, self.teacher_logits(x) if self.needs_teacher else None), s
+
+
+def logit_objective(loss: L.DistillLoss, model: nn.Module, teacher: nn.Module | None = None) -> Objective:
+    """``loss`` of (logits, targets, teacher logits) as an objective for ``model``, bound to ``teacher``
+    when the loss needs one."""
+    objective = LogitLoss(loss)
+    if loss.needs_teacher:
+        if teacher is None:
+            raise CompressError("the loss needs a teacher and none was given")
+        objective.bind(model, [teacher], image_size=0)
+    return objective
+

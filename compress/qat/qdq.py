@@ -1,22 +1,56 @@
-"""INT8 ONNX: finishing the QDQ file exported from a fake-quant model, onnxruntime's static
-quantization as the PTQ baseline, and a report of which kernels onnxruntime actually runs."""
+"""The int8 QDQ ONNX file of a fake-quant model: the export form (every QAT module converted by its
+``to_frozen``), the TorchScript export, and the finishing onnxruntime's own QDQ quantizer would have
+done (weights stored as int8, biases as int32, dead nodes and long names dropped)."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch.fx as fx
 from onnx import helper, numpy_helper
+from torch import nn
 
-from compress.errors import CompressError
-from compress.export import ort_session
+from compress.export import export_onnx, update_metadata
 from compress.fsio import atomic_path
+from compress.qat.fakequant import QATModule
 
-FLOAT_CONV_OPS = {"Conv", "FusedConv", "ConvTranspose"}
-QUANT_CONV_OPS = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
+SCHEME = {
+    "format": "ONNX QDQ",
+    "weights": "int8, symmetric, per output channel (zero point 0, scale max|w|/127)",
+    "activations": "uint8, asymmetric, per tensor",
+    "batchnorm": "folded into the preceding convolution",
+    "bias": "int32, scale input_scale*weight_scale",
+}
+
+
+def to_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy for ONNX export: every QAT module in its frozen form (BatchNorm folded into the
+    convolutions, observers off, fake quantization on)."""
+    out = copy.deepcopy(gm).eval()
+    for name, m in list(out.named_modules()):
+        if isinstance(m, QATModule):
+            _set_module(out, name, m.to_frozen())
+    out.recompile()
+    return out
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, new)
+
+
+def export_qdq(gm: fx.GraphModule, path: Path, image_size: int, opset: int = 18, metadata: dict | None = None) -> dict:
+    """Write the int8 QDQ ONNX file of a fake-quant model; returns what was stored as integers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = export_onnx(to_export(gm), Path(tmp) / "qdq.onnx", image_size, opset=opset, exporters=("torchscript",))
+        info = finalize_qdq(raw, path)
+    if metadata:
+        update_metadata(path, metadata)
+    return info
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -39,34 +73,50 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
     proto = onnx.load(str(src))
     graph = proto.graph
     consts = _constants(graph)
-    producers = {o: n for n in graph.node for o in n.output}
+    folded = _store_weights_int8(graph, consts)
+    biases = _store_biases_int32(graph, consts)
+    _shape_from_quantized(graph)
+    _drop_dead_nodes(graph)
+    _drop_unused_initializers(graph)
+    _compact_names(graph)
+    onnx.checker.check_model(proto)
+    with atomic_path(dst) as tmp:
+        onnx.save(proto, str(tmp))
+    return {"weights_stored_int8": folded, "biases_stored_int32": biases}
+
+
+def _quantize_constant(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """What QuantizeLinear ``node`` makes of its constant input: (integers, zero point)."""
+    x = consts[node.input[0]].astype(np.float64)
+    scale = consts[node.input[1]].astype(np.float64)
+    zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, np.uint8)
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zpb = scale.reshape(shape), zp.reshape(shape).astype(np.float64)
+    else:
+        zpb = zp.astype(np.float64)
+    info = np.iinfo(zp.dtype)
+    return np.clip(np.rint(x / scale) + zpb, info.min, info.max).astype(zp.dtype), zp
+
+
+def _store_weights_int8(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> int:
+    """Replace each QuantizeLinear of a constant by the integer tensor it computes; returns how many."""
     new_inits: list[onnx.TensorProto] = []
     drop: set[int] = set()
     renames: dict[str, str] = {}
     weight_zp_free: set[str] = set()  # symmetric weights: the zero point input is dropped (default 0)
-    folded = 0
     for i, node in enumerate(graph.node):
         if node.op_type != "QuantizeLinear" or node.input[0] not in consts:
             continue
-        x = consts[node.input[0]].astype(np.float64)
-        scale = consts[node.input[1]].astype(np.float64)
-        zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, np.uint8)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * x.ndim
-            shape[axis] = -1
-            scale, zpb = scale.reshape(shape), zp.reshape(shape).astype(np.float64)
-        else:
-            zpb = zp.astype(np.float64)
-        info = np.iinfo(zp.dtype)
-        q = np.clip(np.rint(x / scale) + zpb, info.min, info.max).astype(zp.dtype)
+        q, zp = _quantize_constant(node, consts)
         name = f"{node.input[0]}_quantized"
         new_inits.append(numpy_helper.from_array(q, name))
         renames[node.output[0]] = name
         if not np.any(zp):
             weight_zp_free.add(node.output[0])
         drop.add(i)
-        folded += 1
     # onnxruntime fuses QLinearConv without weight zero points but wants them for QGemm
     gemm_inputs = {i for n in graph.node if n.op_type == "Gemm" for i in n.input}
     for node in graph.node:
@@ -81,10 +131,14 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
     graph.node.extend(kept)
     graph.initializer.extend(new_inits)
     consts.update({t.name: numpy_helper.to_array(t) for t in new_inits})
-    producers = {o: n for n in graph.node for o in n.output}
+    return len(drop)
 
+
+def _store_biases_int32(graph: onnx.GraphProto, consts: dict[str, np.ndarray]) -> int:
+    """Each float bias of a Conv/Gemm between quantized input and weight becomes int32 at scale
+    s_input·s_weight behind a DequantizeLinear; returns how many."""
+    producers = {o: n for n in graph.node for o in n.output}
     bias_nodes: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
-    biases = 0
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
             continue
@@ -108,18 +162,10 @@ def finalize_qdq(src: Path, dst: Path) -> dict:
         dq = helper.make_node("DequantizeLinear", [t.name for t in new], [f"{base}_dq"], name=f"{base}_DequantizeLinear", axis=0)
         bias_nodes.append((node, dq))
         node.input[2] = dq.output[0]
-        biases += 1
     for node, dq in bias_nodes:
         idx = list(graph.node).index(node)
         graph.node.insert(idx, dq)
-    _shape_from_quantized(graph)
-    _drop_dead_nodes(graph)
-    _drop_unused_initializers(graph)
-    _compact_names(graph)
-    onnx.checker.check_model(proto)
-    with atomic_path(dst) as tmp:
-        onnx.save(proto, str(tmp))
-    return {"weights_stored_int8": folded, "biases_stored_int32": biases}
+    return len(bias_nodes)
 
 
 def _shape_from_quantized(graph: onnx.GraphProto) -> None:
@@ -175,51 +221,3 @@ def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
     keep = [t for t in graph.initializer if t.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(keep)
-
-
-def optimized_ops(path: Path, threads: int = 1) -> Counter:
-    """Operator counts of the graph onnxruntime actually runs (``optimized_model_filepath``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "optimized.onnx"
-        ort_session(path, threads=threads, optimized_path=out)
-        proto = onnx.load(str(out))
-    return Counter(n.op_type for n in proto.graph.node)
-
-
-def kernel_report(path: Path) -> dict:
-    ops = optimized_ops(path)
-    return {
-        "quantized_convolutions": sum(ops[o] for o in QUANT_CONV_OPS),
-        "float_convolutions": sum(ops[o] for o in FLOAT_CONV_OPS),
-        "ops": dict(sorted(ops.items())),
-    }
-
-
-def ptq_static(fp32: Path, dst: Path, calibration: np.ndarray, batch_size: int = 32) -> None:
-    """onnxruntime's ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations,
-    min/max calibration on ``calibration`` (N, C, H, W)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self, name: str):
-            self.batches = iter([{name: calibration[i : i + batch_size]} for i in range(0, len(calibration), batch_size)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-        except Exception:  # noqa: BLE001 - pre-processing is an optimization; quantize the file as it is
-            pre = fp32
-        out = Path(tmp) / "ptq.onnx"
-        try:
-            quantize_static(str(pre), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        except Exception as e:  # noqa: BLE001
-            raise CompressError(f"onnxruntime static quantization failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-        with atomic_path(dst) as final:
-            final.write_bytes(out.read_bytes())

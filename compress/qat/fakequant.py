@@ -1,0 +1,117 @@
+"""Fake-quant arithmetic with onnxruntime's rounding: int8 symmetric per-channel weights, uint8
+asymmetric per-tensor activations with a min/max observer, int32 biases at scale s_input·s_weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+W_QMIN, W_QMAX = -128, 127  # the int8 range ONNX QuantizeLinear accepts; weights use [-127, 127]
+W_LEVELS = 127.0
+A_QMIN, A_QMAX = 0, 255
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric scale: max|w| / 127 (so values span [-127, 127])."""
+    amax = w.detach().abs().flatten(1).amax(dim=1)
+    return (amax / W_LEVELS).clamp_min(1e-12).float()
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    scale = weight_scale(w)
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, W_QMIN, W_QMAX)
+
+
+def fake_quant_onnx(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    """uint8 fake quantization with ONNX QuantizeLinear's arithmetic (x / scale, round half to even)
+    rather than torch's x · (1/scale), so the PyTorch model and the int8 file round alike.
+    Straight-through gradient inside the representable range, zero outside (as torch's op)."""
+    t = x / scale + zp
+    q = torch.clamp(torch.round(t), A_QMIN, A_QMAX)
+    y = (q - zp) * scale
+    inside = ((t >= A_QMIN) & (t <= A_QMAX)).to(x.dtype)
+    return x * inside + (y - x * inside).detach()
+
+
+def fake_quant_bias(b: torch.Tensor, w_scale: torch.Tensor, input_fq: "ActFakeQuant | None",
+                    force: bool = False) -> torch.Tensor:
+    """The bias as the int8 graph holds it: int32 with scale s_input·s_weight (onnxruntime adds it to
+    the integer accumulator). Without this, the PyTorch model and the int8 file round differently."""
+    if input_fq is None or not input_fq.ready or not (input_fq.enabled or force):
+        return b
+    s_x, _ = input_fq.qparams()
+    scale = (w_scale.double() * s_x).float().double()
+    q = torch.round(b.detach().double() / scale).clamp(-(2**31), 2**31 - 1)
+    return b + ((q * scale).to(b.dtype) - b).detach()
+
+
+class QATModule(nn.Module):
+    """A module of the fake-quant model that takes another form for export (:meth:`to_frozen`)."""
+
+    def to_frozen(self) -> nn.Module:
+        raise NotImplementedError
+
+
+class ActFakeQuant(QATModule):
+    """Per-tensor asymmetric uint8 fake quantization with a moving-average min/max observer.
+
+    ``observe`` updates the range (calibration and early QAT); ``enabled`` applies fake quantization.
+    The range always contains 0 so that zero (padding, ReLU) is exact."""
+
+    def __init__(self, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("min_val", torch.tensor(0.0))
+        self.register_buffer("max_val", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.observe = True
+        self.enabled = False
+        self.accumulate = False  # calibration: the running min/max over everything seen
+        self._tied: list = []  # another ActFakeQuant whose scale and zero point this one uses
+
+    def tie(self, other: "ActFakeQuant") -> None:
+        """Share ``other``'s quantization parameters: for a slice, reshape or shuffle of a tensor that is
+        already quantized, whose values stay on the same int8 grid (what onnxruntime's quantizer does)."""
+        self._tied[:] = [other]
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._tied[0].initialized) if self._tied else bool(self.initialized)
+
+    def reset(self) -> None:
+        self.initialized.fill_(False)
+
+    def qparams(self) -> tuple[float, int]:
+        if self._tied:
+            return self._tied[0].qparams()
+        lo, hi = min(float(self.min_val), 0.0), max(float(self.max_val), 0.0)
+        scale = max((hi - lo) / (A_QMAX - A_QMIN), 1e-8)
+        zp = int(min(max(round(A_QMIN - lo / scale), A_QMIN), A_QMAX))
+        return scale, zp
+
+    def to_frozen(self) -> "ActFakeQuant":
+        """Export form: the range fixed, fake quantization on (the same module)."""
+        self.observe, self.enabled = False, True
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe and not self._tied:
+            with torch.no_grad():
+                lo, hi = torch.aminmax(x.detach())
+                if not bool(self.initialized):
+                    self.min_val.copy_(lo)
+                    self.max_val.copy_(hi)
+                    self.initialized.fill_(True)
+                elif self.accumulate:
+                    self.min_val.copy_(torch.minimum(self.min_val, lo))
+                    self.max_val.copy_(torch.maximum(self.max_val, hi))
+                else:
+                    self.min_val.lerp_(lo, self.momentum)
+                    self.max_val.lerp_(hi, self.momentum)
+        if self.enabled and self.ready:
+            scale, zp = self.qparams()
+            if torch.onnx.is_in_onnx_export():  # becomes QuantizeLinear/DequantizeLinear
+                return torch.fake_quantize_per_tensor_affine(x, scale, zp, A_QMIN, A_QMAX)
+            return fake_quant_onnx(x, scale, zp)
+        return x

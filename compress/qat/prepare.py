@@ -1,0 +1,256 @@
+"""The FX rewrite that turns a float model into its fake-quant form (:func:`prepare_qat`).
+
+The placement of activation fake-quant mirrors what onnxruntime fuses: every convolution and linear
+layer reads a quantized tensor and writes one; a ReLU/ReLU6 that is the only reader of a convolution or
+an add is quantized after the activation (onnxruntime folds it into the requantization); adds,
+multiplies, concatenations, poolings, channel shuffles and other activations write quantized tensors
+too. Reshapes, transposes, slices and flattens are left alone: they move int8 data as it is, and share
+the quantization parameters of their input."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError, short
+from compress.qat.fakequant import ActFakeQuant
+from compress.qat.modules import QConvBn2d, QLinear
+from compress.qat.schedule import set_observers
+
+_FUSABLE_ACTS = (nn.ReLU, nn.ReLU6)
+# modules whose output the int8 graph holds as a quantized tensor (max pooling included: its output is
+# often read by a residual add as well as by a convolution)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh,
+                nn.LeakyReLU, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_COMPUTE_FUNCS = {operator.add, operator.mul, operator.iadd, operator.imul, torch.add, torch.mul, torch.cat, torch.mean, torch.sigmoid,
+                  F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.adaptive_avg_pool2d,
+                  F.avg_pool2d, F.max_pool2d, torch.flatten}
+_COMPUTE_METHODS = {"add", "mul", "mean", "sigmoid", "relu", "add_", "mul_"}
+
+
+def _tracer() -> fx.Tracer:
+    leaf: set = set()
+    wrap: set = set()
+    try:  # timm marks modules and functions that symbolic tracing must not enter
+        from timm.layers import get_notrace_functions, get_notrace_modules
+
+        leaf = set(get_notrace_modules())
+        wrap = set(get_notrace_functions())
+    except ImportError:
+        pass
+    try:
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        wrap.add(channel_shuffle)
+    except ImportError:
+        pass
+
+    class Tracer(fx.Tracer):
+        def __init__(self):
+            super().__init__(autowrap_functions=tuple(wrap))
+
+        def is_leaf_module(self, m: nn.Module, name: str) -> bool:
+            return type(m) in leaf or isinstance(m, (ActFakeQuant, QConvBn2d, QLinear)) or super().is_leaf_module(m, name)
+
+    return Tracer()
+
+
+def _split_bn_act(model: nn.Module) -> nn.Module:
+    """timm's BatchNormAct2d (BatchNorm + activation in one module) becomes Sequential(BatchNorm2d, act)
+    so that the BatchNorm can be folded into the convolution before it."""
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:
+        return model
+    for name, child in list(model.named_children()):
+        if isinstance(child, BatchNormAct2d):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict(), strict=False)
+            parts = [bn] + [m for m in (child.drop, child.act) if not isinstance(m, nn.Identity)]
+            setattr(model, name, nn.Sequential(*parts) if len(parts) > 1 else bn)
+        else:
+            _split_bn_act(child)
+    return model
+
+
+def _module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_fusable_act(gm: fx.GraphModule, node: fx.Node) -> bool:
+    m = _module_of(gm, node)
+    if m is not None:
+        return isinstance(m, _FUSABLE_ACTS)
+    return node.op == "call_function" and node.target in (F.relu, F.relu6, torch.relu)
+
+
+_MOVE_FUNCS = {operator.getitem, torch.chunk, torch.split, torch.flatten, torch.reshape, torch.transpose,
+               torch.permute}
+_MOVE_METHODS = {"chunk", "split", "view", "reshape", "flatten", "transpose", "permute", "contiguous"}
+
+
+def _moves_data(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops that only move values (slices, reshapes, shuffles): their output stays on the input's grid."""
+    if node.op == "call_function":
+        return node.target in _MOVE_FUNCS or getattr(node.target, "__name__", "") == "channel_shuffle"
+    if node.op == "call_method":
+        return node.target in _MOVE_METHODS
+    return isinstance(_module_of(gm, node), (nn.Identity, nn.Dropout, nn.Flatten))
+
+
+def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> ActFakeQuant | None:
+    """The quantizer a value-moving chain ending at ``node`` starts from, if any."""
+    while not isinstance(_module_of(gm, node), ActFakeQuant):
+        if not _moves_data(gm, node) or not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return _module_of(gm, node)
+
+
+def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s value, looking through modules that return their input unchanged
+    in eval (Identity, Dropout)."""
+    out = []
+    for u in node.users:
+        if isinstance(_module_of(gm, u), (nn.Identity, nn.Dropout)):
+            out.extend(_readers(gm, u))
+        else:
+            out.append(u)
+    return out
+
+
+def _produces_quantized(gm: fx.GraphModule, node: fx.Node) -> bool:
+    m = _module_of(gm, node)
+    if m is not None:
+        return isinstance(m, (QConvBn2d, QLinear, *_ACT_MODULES))
+    if node.op == "call_function":
+        return node.target in _COMPUTE_FUNCS or getattr(node.target, "__name__", "") == "channel_shuffle"
+    if node.op == "call_method":
+        return node.target in _COMPUTE_METHODS
+    return node.op == "placeholder"
+
+
+def _no_op_source(gm: fx.GraphModule, n: fx.Node) -> fx.Node:
+    """Look through modules that return their input unchanged in eval (Identity, Dropout)."""
+    while isinstance(_module_of(gm, n), (nn.Identity, nn.Dropout)) and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+    return n
+
+
+class _Rewrite:
+    """The steps of :func:`prepare_qat` on one traced graph; new submodules are numbered in the order
+    they are made (the names are the checkpoint's keys)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.count = 0
+        self.quantized: dict[fx.Node, fx.Node] = {}  # node -> its fake-quant node (and each to itself)
+
+    def add(self, prefix: str, module: nn.Module) -> str:
+        self.count += 1
+        name = f"{prefix}_{self.count}"
+        self.gm.add_submodule(name, module)
+        return name
+
+    def fold_layers(self) -> None:
+        """BatchNorm folded into the convolution before it; linear layers quantized."""
+        gm = self.gm
+        for node in list(gm.graph.nodes):
+            m = _module_of(gm, node)
+            if isinstance(m, nn.Conv2d):
+                users = list(node.users)
+                bn_node = users[0] if len(users) == 1 else None
+                bn = _module_of(gm, bn_node) if bn_node is not None else None
+                if isinstance(bn, nn.BatchNorm2d):
+                    q = QConvBn2d.from_float(m, bn)
+                    bn_node.replace_all_uses_with(node)
+                    gm.graph.erase_node(bn_node)
+                else:
+                    q = QConvBn2d.from_float(m)
+                node.target = self.add("qconv", q)
+            elif isinstance(m, nn.Linear):
+                node.target = self.add("qlinear", QLinear.from_float(m))
+        leftover = [n.target for n in gm.graph.nodes if isinstance(_module_of(gm, n), nn.modules.batchnorm._BatchNorm)]
+        if leftover:
+            raise CompressError(f"QAT: BatchNorm not after a convolution cannot be folded: {', '.join(map(str, leftover[:3]))}")
+
+    def _quantizer(self, source: fx.Node) -> str:
+        """A new activation quantizer; a value-moving chain from a quantized tensor shares its grid."""
+        fq_module = ActFakeQuant()
+        tied = _quantized_source(self.gm, source)
+        if tied is not None:
+            fq_module.tie(tied)
+        return self.add("act_fq", fq_module)
+
+    def quantize_outputs(self) -> None:
+        """Activation fake-quant after every tensor the int8 graph holds."""
+        gm = self.gm
+        output_node = next(n for n in gm.graph.nodes if n.op == "output")
+        logits_node = output_node.args[0] if isinstance(output_node.args[0], fx.Node) else None
+        for node in list(gm.graph.nodes):
+            if node in self.quantized or node.op in ("output", "get_attr") or node is logits_node:
+                continue
+            if not _produces_quantized(gm, node):
+                continue
+            users = _readers(gm, node)
+            if users and all(_is_fusable_act(gm, u) for u in users) and node.op != "placeholder":
+                continue  # quantized after the ReLU, which onnxruntime folds into the requantization
+            name = self._quantizer(node) if _moves_data(gm, node) else self.add("act_fq", ActFakeQuant())
+            with gm.graph.inserting_after(node):
+                fq = gm.graph.call_module(name, (node,))
+            node.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
+            self.quantized[node] = fq
+            self.quantized[fq] = fq
+
+    def quantize_layer_inputs(self) -> None:
+        """Every convolution and linear layer reads a quantized tensor."""
+        gm = self.gm
+        for node in list(gm.graph.nodes):
+            if isinstance(_module_of(gm, node), (QConvBn2d, QLinear)):
+                src = node.args[0]
+                if isinstance(src, fx.Node) and _no_op_source(gm, src) not in self.quantized.values():
+                    name = self._quantizer(src)
+                    with gm.graph.inserting_before(node):
+                        fq = gm.graph.call_module(name, (src,))
+                    node.replace_input_with(src, fq)
+                    self.quantized[fq] = fq
+
+    def link_input_quantizers(self) -> None:
+        """Each quantized layer knows the quantizer of its input (its bias scale is s_input·s_weight)."""
+        gm = self.gm
+        for node in gm.graph.nodes:
+            layer = _module_of(gm, node)
+            if isinstance(layer, (QConvBn2d, QLinear)) and isinstance(node.args[0], fx.Node):
+                fq = _module_of(gm, _no_op_source(gm, node.args[0]))
+                if isinstance(fq, ActFakeQuant):
+                    layer._input_fq[:] = [fq]
+
+
+def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """Rewrite a float model into its fake-quant form (observers on, fake quantization off until
+    ``enable_fake_quant``). The input model is not modified."""
+    model = _split_bn_act(copy.deepcopy(model)).eval()
+    try:
+        graph = _tracer().trace(model)
+    except Exception as e:  # noqa: BLE001
+        raise CompressError(f"QAT cannot trace {type(model).__name__}: {short(e)}") from None
+    gm = fx.GraphModule(model, graph)
+    rewrite = _Rewrite(gm)
+    rewrite.fold_layers()
+    rewrite.quantize_outputs()
+    rewrite.quantize_layer_inputs()
+    rewrite.link_input_quantizers()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    set_observers(gm, False)
+    with torch.no_grad():
+        gm(example_input)  # checks the rewritten graph runs; eval mode leaves BatchNorm statistics alone
+    set_observers(gm, True)
+    return gm

@@ -1,0 +1,70 @@
+"""Stage ``quantize``: quantization-aware training of the student (``compress.qat``): BatchNorm folded,
+int8 per-channel weights and uint8 activations fake-quantized, ranges calibrated on training images,
+then trained with the KD loss against the FP32 teacher (``quantize.distill``) under the schedule that
+freezes observers and BatchNorm statistics.
+
+Reads: ``prune/model.safetensors`` when pruning runs, else ``distill/model.safetensors``;
+``teacher/model.safetensors``.
+Writes: ``model.safetensors`` + ``model.json`` of the fake-quant model (``qat: true``, the scheme, and
+the pruned architecture when there is one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from compress import metrics as M
+from compress import qat
+from compress.artifacts import student_stage
+from compress.context import RunContext
+from compress.data import without_augmentation
+from compress.distill import HintonKD, logit_objective
+from compress.evaluate import loader, predict
+from compress.fsio import read_json
+from compress.models import save_checkpoint
+from compress.stages import register
+from compress.stages.common import MODEL_FILE, load_stage_model, model_meta
+from compress.train import fit, seed_everything
+
+
+@register("quantize")
+def run(ctx: RunContext, out: Path, work: Path) -> dict:
+    cfg, data = ctx.cfg.quantize, ctx.data
+    source = student_stage(ctx.cfg.stages)
+    student = load_stage_model(ctx, source)
+    name = ctx.metrics("distill")["model"]
+    seed_everything(ctx.cfg.seed)
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size))
+    calib_ds = data.train
+    if cfg.calibration_images < len(calib_ds):
+        calib_ds = torch.utils.data.Subset(calib_ds, list(range(cfg.calibration_images)))
+    seen = qat.calibrate(gm, (x for x, _ in loader(without_augmentation(calib_ds), 128)))
+    teacher = load_stage_model(ctx, "teacher") if cfg.distill else None
+    loss = HintonKD(alpha=cfg.alpha if cfg.distill else 0.0, temperature=cfg.temperature,
+                    label_smoothing=cfg.label_smoothing)
+    qat.qat_schedule(gm, 0, cfg.freeze_observers_after, cfg.freeze_bn_after)
+    before_logits, targets = predict(gm, data.test)
+    result = fit(gm, data.train, data.val, cfg, logit_objective(loss, gm, teacher), work, seed=ctx.cfg.seed,
+                 batch_size=ctx.cfg.data.batch_size, desc=f"qat {name}",
+                 on_epoch_start=lambda e: qat.qat_schedule(gm, e, cfg.freeze_observers_after, cfg.freeze_bn_after))
+    qat.qat_schedule(gm, 10**9, cfg.freeze_observers_after, cfg.freeze_bn_after)  # final state: all frozen
+    gm.eval()
+    meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME}
+    if source == "prune":
+        meta["arch"] = read_json(ctx.stage_dir("prune") / "model.json")["arch"]
+    save_checkpoint(gm, out / MODEL_FILE, meta)
+    logits, _ = predict(gm, data.test)
+    return {
+        "model": name,
+        "scheme": qat.SCHEME,
+        "graph": qat.qat_summary(gm),
+        "calibration_images": seen,
+        "loss": "kd" if cfg.distill else "ce",
+        "fake_quant_accuracy_before_qat": M.accuracy(before_logits, targets),
+        "test_accuracy": M.accuracy(logits, targets),
+        "fp32_accuracy": ctx.metrics(source)["test_accuracy"],
+        "from_stage": source,
+        "history": result.history,
+        "train_seconds": round(result.seconds, 2),
+    }

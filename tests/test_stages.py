@@ -1,0 +1,104 @@
+"""Every stage of the registry on one small run through the command line: each keeps the stage
+contract (its folder holds metrics.json, config.json and stage.json; a rerun skips it), prune really
+shrinks the student and quantize ships an int8 file onnxruntime runs with int8 kernels."""
+
+import json
+
+import onnx
+import pytest
+
+from compress import stages
+from compress.graph import ORDER
+from conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """Every stage (the ta method brings the assistant), run once and then again."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("full")
+    recipe = tmp / "full.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "full", "seed": 0, "stages": [s for s in ORDER if s != "assistant"],
+        "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
+        "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
+        "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01, "method": "ta",
+                    "params": {"assistant": "mobilenetv2_050"}},
+        "prune": {"iterative_steps": 2, "epochs": 0, "final_epochs": 1, "macs_target": 0.5},
+        "quantize": {"epochs": 1},
+        "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]}}))
+    first = run_cli("pipeline", recipe, "--artifacts", tmp / "art")
+    assert first.returncode == 0, first.stderr
+    again = run_cli("pipeline", recipe, "--artifacts", tmp / "art")
+    assert again.returncode == 0, again.stderr
+    return {"run": tmp / "art" / "full", "first": first, "again": again, "tmp": tmp}
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_stage_contract(full_run, name):
+    stage = stages.get(name)
+    folder = full_run["run"] / name
+    for f in ("metrics.json", "config.json", "stage.json"):
+        assert (folder / f).is_file(), f
+    record = json.loads((folder / "stage.json").read_text())
+    assert record["stage"] == name and set(record["upstream"]) <= set(stage.node.reads)
+    assert f"[{name}] running" in full_run["first"].stderr
+    assert f"[{name}] unchanged, skipped" in full_run["again"].stderr
+    assert f"[{name}] running" not in full_run["again"].stderr
+    assert f"[{name}] running" in (full_run["run"] / "run.log").read_text()
+
+
+def test_run_leaves_no_temporary_folders(full_run):
+    run = full_run["run"]
+    assert not list(run.glob(".tmp-*"))
+    assert not (run / ".work").exists() or not any((run / ".work").iterdir())
+    assert (run / "report.md").is_file() and (run / "summary.json").is_file()
+
+
+def test_prune_stage_shrinks_the_exported_student(full_run):
+    run, tmp = full_run["run"], full_run["tmp"]
+    metrics = json.loads((run / "prune" / "metrics.json").read_text())
+    assert metrics["macs_reduction"] >= 0.3 and len(metrics["steps"]) == 2
+    assert metrics["params"] < metrics["unpruned_params"]
+    pruned = (run / "export" / "model_pruned_fp32.onnx").stat().st_size
+    assert pruned < 0.8 * (run / "export" / "model_fp32.onnx").stat().st_size
+    assert "## Pruning" in (run / "report.md").read_text()
+    # the pruned checkpoint exports on its own: its architecture travels with it
+    out = tmp / "pruned.onnx"
+    assert run_cli("export", run / "prune" / "model.safetensors", "--out", out).returncode == 0
+    assert abs(out.stat().st_size - pruned) < 0.05 * pruned
+
+
+def test_quantize_writes_an_int8_file_onnxruntime_runs_in_int8(full_run):
+    run, tmp = full_run["run"], full_run["tmp"]
+    export = json.loads((run / "export" / "metrics.json").read_text())
+    for role in ("student_int8", "student_int8_ptq"):
+        assert export[role]["kernels"]["float_convolutions"] == 0
+        assert export[role]["kernels"]["quantized_convolutions"] > 0
+    fp32 = (run / "export" / "model_pruned_fp32.onnx").stat().st_size
+    assert (run / "export" / "model_int8.onnx").stat().st_size < 0.4 * fp32
+    props = {p.key: p.value for p in onnx.load(str(run / "export" / "model_int8.onnx")).metadata_props}
+    assert json.loads(props["compress.quantization"])["weights"].startswith("int8")
+    assert props["compress.precision"] == "int8" and props["compress.pruned"] == "true"
+    quantize = json.loads((run / "quantize" / "metrics.json").read_text())
+    assert quantize["graph"]["batchnorms_folded"] > 0 and quantize["loss"] == "kd"
+    assert quantize["from_stage"] == "prune"
+
+    # the QAT checkpoint (pruned architecture) exports on its own to the same int8 graph
+    out = tmp / "again_int8.onnx"
+    r = run_cli("export", run / "quantize" / "model.safetensors", "--out", out)
+    assert r.returncode == 0, r.stderr
+    again = run_cli("bench", out, "--runs", "3", "--threads", "1", "--dataset", "digits", "--json", "--out", tmp / "b")
+    assert json.loads(again.stdout)["files"][0]["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
+
+
+def test_report_rows_follow_the_artifact_table(full_run):
+    summary = json.loads((full_run["run"] / "summary.json").read_text())
+    rows = {r["role"]: r for r in summary["table"]}
+    assert list(rows) == ["teacher", "student", "student_pruned", "student_int8", "student_int8_ptq"]
+    assert rows["student_int8"]["label"] == "student INT8 (QAT)" and rows["student_int8"]["precision"] == "int8"
+    # a quantized file keeps the pruned student's architecture
+    assert rows["student_int8"]["params"] == rows["student_pruned"]["params"] < rows["student"]["params"]
