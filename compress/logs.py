@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = "compress"
+FILE_ONLY = "file_only"  # a record with extra={FILE_ONLY: True} goes to run.log, not the console
 _console: logging.Handler | None = None
 
 
@@ -27,6 +28,7 @@ def setup(verbosity: int = 0) -> None:
     else:
         _console = logging.StreamHandler(sys.stderr)
     _console.setFormatter(logging.Formatter("%(message)s"))
+    _console.addFilter(lambda record: not getattr(record, FILE_ONLY, False))
     _console.setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO)
     root.addHandler(_console)
     root.setLevel(logging.DEBUG)  # the handlers choose; run.log keeps everything

@@ -20,7 +20,8 @@ from compress.context import RunContext, StageResult
 from compress.data import data_identity
 from compress.fsio import read_json, replace_dir, sha256_json, write_json
 from compress.graph import FORMAT_VERSION
-from compress.logs import run_log
+from compress.errors import short
+from compress.logs import FILE_ONLY, run_log
 from compress.models import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_log(run_dir / "run.log"):
         log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}")
-        for stage in plan:
-            ctx.results[stage.name] = run_stage(ctx, stage)
+        try:
+            for stage in plan:
+                ctx.results[stage.name] = run_stage(ctx, stage)
+        except BaseException as e:  # the console gets the CLI's one line; run.log keeps the whole story
+            log.error(f"run stopped: {short(e)}", exc_info=True, extra={FILE_ONLY: True})
+            raise
     return ctx
