@@ -47,16 +47,10 @@ def architecture_stage(artifact: Artifact, stages: list[str]) -> str:
 
 def fp32_student(stages: list[str]) -> Artifact:
     """The FP32 file that onnxruntime's PTQ quantizes: the pruned student when pruning runs."""
-    return ARTIFACTS["student_pruned" if student_stage(stages) == "prune" else "student"]
+    return next(a for a in TABLE if a.stage == student_stage(stages) and a.made_by == "fp32")
 
 
 def for_run(stages: list[str], ptq_baseline: bool) -> list[Artifact]:
-    """The files a run with these stages ships, in report order."""
-    out = [ARTIFACTS["teacher"], ARTIFACTS["student"]]
-    if "prune" in stages:
-        out.append(ARTIFACTS["student_pruned"])
-    if "quantize" in stages:
-        out.append(ARTIFACTS["student_int8"])
-        if ptq_baseline:
-            out.append(ARTIFACTS["student_int8_ptq"])
-    return out
+    """The files a run with these stages ships, in report order: one per stage of the table that
+    runs, the PTQ baseline only when asked for."""
+    return [a for a in TABLE if a.stage in stages and (a.made_by != "ptq" or ptq_baseline)]

@@ -36,12 +36,13 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     for artifact in A.for_run(ctx.cfg.stages, ctx.cfg.quantize.ptq_baseline):
         stage = A.architecture_stage(artifact, ctx.cfg.stages)
         model = load_stage_model(ctx, stage)
-        logits, targets = ort_predict(ort_session(ctx.stage_dir("export") / artifact.file), data.test)
+        path = ctx.stage_dir("export") / artifact.file
+        logits, targets = ort_predict(ort_session(path), data.test)
         row: dict = {
             "model": ctx.metrics(stage)["model"],
             "file": artifact.file,
             "precision": artifact.precision,
-            "size_bytes": file_size(ctx.stage_dir("export") / artifact.file),
+            "size_bytes": file_size(path),
             "params": M.count_params(model),
             "onnx_accuracy": M.accuracy(logits, targets),
             "macs": {},

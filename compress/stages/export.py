@@ -20,9 +20,8 @@ from compress import qat
 from compress.context import RunContext
 from compress.data import calibration_array
 from compress.errors import CompressError
-from compress.evaluate import ort_predict, ort_session
+from compress.evaluate import onnx_accuracy
 from compress.export import export_onnx, parity, update_metadata
-from compress.metrics import accuracy
 from compress.stages import register
 from compress.stages.common import MODEL_FILE, load_stage_model
 
@@ -84,7 +83,7 @@ def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None,
         entry["parity"] = parity(model, path, test, max_abs_diff=float("inf"), min_agreement=cfg.int8_min_argmax_agreement)
         entry["onnx_accuracy"] = entry["parity"]["onnx_accuracy"]
     else:
-        entry["onnx_accuracy"] = accuracy(*ort_predict(ort_session(path), test))
+        entry["onnx_accuracy"] = onnx_accuracy(path, test)
     return entry
 
 
