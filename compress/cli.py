@@ -148,19 +148,39 @@ def bench(
 
 
 @app.command()
-def models(pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'mobilenet*'")) -> None:
-    """List the registered teachers and students with their parameter counts (10 classes)."""
+def models(
+    pattern: str = typer.Argument("*", help="wildcard filter, e.g. 'mobilenet*'"),
+    all_: bool = typer.Option(False, "--all", help="every timm and torchvision classification model, not only "
+                                                   "the tested ones"),
+) -> None:
+    """List the tested teachers and students with their parameter counts (10 classes); with --all, the
+    name of every timm and torchvision classification model a recipe may use."""
+    from compress.models import ALIASES, REGISTRY, all_model_names, list_models
+
+    if all_:
+        names = all_model_names(pattern)
+        if not names:
+            raise CompressError(f"no timm or torchvision model matches {pattern!r}")
+        width = max(24, max(len(n) for n, _ in names) + 2)
+        typer.echo(f"{'name':<{width}}{'source':<13}tested")
+        for name, source in names:
+            typer.echo(f"{name:<{width}}{source:<13}{'yes' if name in REGISTRY else ''}".rstrip())
+        typer.echo(f"{len(names)} models; 'tested' ones are those of 'compress models'")
+        return
     from compress.metrics import count_params
-    from compress.models import ALIASES, create_model, list_models
+    from compress.models import create_model
 
     specs = list_models(pattern)
     if not specs:
-        raise CompressError(f"no model matches {pattern!r}; try 'compress models'")
+        raise CompressError(f"no tested model matches {pattern!r}; try compress models, or "
+                            f"compress models --all '{pattern}' for every timm and torchvision model")
     alias_of = {v: k for k, v in ALIASES.items()}
     typer.echo(f"{'name':<24}{'role':<9}{'source':<13}{'params (10 classes)':>20}  alias")
     for s in specs:
         n = count_params(create_model(s.name, num_classes=10))
         typer.echo(f"{s.name:<24}{s.role:<9}{s.source:<13}{n:>20,}  {alias_of.get(s.name, '')}")
+    typer.echo("these are the tested models; any timm or torchvision classification model works too: "
+               "compress models --all PATTERN")
 
 
 @app.command()

@@ -31,20 +31,37 @@ def _model_name(v: str) -> str:
     return v
 
 
+def _pretrained(v: Any) -> bool | str:
+    """``true`` (the model's published weights), ``false``, or the path of a local weights file."""
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    if v is None:
+        return False
+    if not isinstance(v, (bool, str)) or (isinstance(v, str) and not v.strip()):
+        raise ValueError("give true, false or the path of a weights file (.safetensors or a torch file)")
+    return v
+
+
+PRETRAINED_HELP = ("true: the model's published weights (needs the network); PATH: a local .safetensors or torch "
+                   "file; the classifier is made anew for the dataset's classes")
+
+
 class TeacherConfig(TrainConfig):
-    """The teacher: loaded from ``checkpoint``, from timm's ``pretrained`` weights (then fine-tuned for
-    ``epochs``), or trained from scratch on the dataset. A trained teacher is cached across runs."""
+    """The teacher: loaded from ``checkpoint``, started from ``pretrained`` weights (the model's
+    published ones, or a local file) and fine-tuned for ``epochs``, or trained from scratch on the
+    dataset. A trained teacher is cached across runs."""
 
     model: str = "resnet18"
     checkpoint: str | None = None
-    pretrained: bool = False
+    pretrained: bool | str = Field(False, description=PRETRAINED_HELP)
 
     _model = field_validator("model")(_model_name)
+    _pretrained = field_validator("pretrained", mode="before")(lambda cls, v: _pretrained(v))
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
         if self.checkpoint and self.pretrained:
-            raise ValueError("checkpoint and pretrained: true exclude each other; choose one")
+            raise ValueError("checkpoint and pretrained exclude each other; choose one")
         return self
 
 
@@ -54,12 +71,16 @@ class DistillConfig(TrainConfig):
     ``params`` holds the chosen method's own settings."""
 
     student: str = "mobilenet"
+    pretrained: bool | str = Field(False, description="the student's starting weights; " + PRETRAINED_HELP)
+    assistant_pretrained: bool | str = Field(False, description="the assistant's (method ta) starting weights; "
+                                             + PRETRAINED_HELP)
     method: str = "kd"
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term of eq. (1)")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     params: dict[str, Any] = Field({}, description="the method's own settings; see compress methods")
 
     _student = field_validator("student")(_model_name)
+    _pretrained = field_validator("pretrained", "assistant_pretrained", mode="before")(lambda cls, v: _pretrained(v))
 
     @field_validator("method")
     @classmethod

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import pickle
+import re
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, short
 from compress.fsio import atomic_path, write_json
 
 
@@ -36,48 +40,333 @@ _SPECS = [
 ]
 REGISTRY: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 ALIASES: dict[str, str] = {"mobilenet": "mobilenetv2_100", "shufflenet": "shufflenet_v2_x1_0"}
+# a name that timm and torchvision both know goes to timm; this prefix picks torchvision's
+TORCHVISION = "torchvision:"
+TIMM = "timm:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _timm_known(name: str) -> bool:
+    """A timm model name, with or without a pretrained tag (``resnet18.a1_in1k``) that exists."""
+    import timm
+
+    if not timm.is_model(name):
+        return False
+    if "." in name:
+        from timm.models import get_pretrained_cfg
+
+        try:
+            get_pretrained_cfg(name)
+        except RuntimeError:  # an unknown tag
+            return False
+    return True
+
+
+def _torchvision_names() -> list[str]:
+    """torchvision's image classification builders (not detection, segmentation, video...)."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def resolve_name(name: str) -> str:
-    """Canonical registry name for ``name`` (an alias or a registered name), else a CompressError."""
+    """The canonical name of a model: a tested model of the registry (or its alias), any timm model
+    name (with an optional pretrained tag), or a torchvision classification model, written
+    ``torchvision:NAME`` unless it is one of the registry's. Unknown names raise a CompressError."""
     canonical = ALIASES.get(name, name)
-    if canonical not in REGISTRY:
-        valid = ", ".join([*REGISTRY, *ALIASES])
-        raise CompressError(f"unknown model {name!r}; valid names: {valid}")
-    return canonical
+    if canonical in REGISTRY:
+        return canonical
+    if canonical.startswith(TORCHVISION):
+        base = canonical[len(TORCHVISION):]
+        if base in _torchvision_names():
+            spec = REGISTRY.get(base)
+            return base if spec is not None and spec.source == "torchvision" else canonical
+    elif canonical.startswith(TIMM):
+        base = canonical[len(TIMM):]
+        if _timm_known(base):
+            return base
+    elif _timm_known(canonical):
+        return canonical
+    elif canonical in _torchvision_names():
+        return TORCHVISION + canonical
+    raise CompressError(_unknown_message(name))
+
+
+def _unknown_message(name: str) -> str:
+    import difflib
+
+    base = name.split(":", 1)[-1]
+    names = [*REGISTRY, *ALIASES, *(n for n, _ in all_model_names())]
+    close = difflib.get_close_matches(base, list(dict.fromkeys(names)), n=4, cutoff=0.6)
+    stem = re.match(r"[A-Za-z]+", base)
+    pattern = f"{stem.group(0)}*" if stem else "*"
+    hint = f"; close: {', '.join(close)}" if close else ""
+    return (f"unknown model {name!r} (not a timm or torchvision classification model){hint}; "
+            f"list names with: compress models --all '{pattern}'")
+
+
+def source_of(name: str) -> tuple[str, str]:
+    """(source, the name its library knows) of a canonical or user-written model name."""
+    canonical = resolve_name(name)
+    if canonical in REGISTRY:
+        return REGISTRY[canonical].source, canonical
+    if canonical.startswith(TORCHVISION):
+        return "torchvision", canonical[len(TORCHVISION):]
+    return "timm", canonical
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry's entry for a tested model; for any other name one with the defaults (role
+    ``any``, ``lr_scale`` 1)."""
+    canonical = resolve_name(name)
+    if canonical in REGISTRY:
+        return REGISTRY[canonical]
+    source, _ = source_of(canonical)
+    return ModelSpec(canonical, source, "any", "")
 
 
 def list_models(pattern: str = "*", role: str | None = None) -> list[ModelSpec]:
+    """The tested models of the registry matching ``pattern``."""
     return [s for s in _SPECS if fnmatch.fnmatch(s.name, pattern) and (role is None or s.role == role)]
 
 
-def create_model(name: str, num_classes: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a registered model with a ``num_classes`` head. ``None`` kwargs are dropped so unset
-    options never override a model's defaults."""
-    spec = REGISTRY[resolve_name(name)]
+def all_model_names(pattern: str = "*") -> list[tuple[str, str]]:
+    """(canonical name, source) of every timm and torchvision classification model matching
+    ``pattern``; nothing is built."""
+    import timm
+
+    out = [(n, "timm") for n in timm.list_models(pattern)]
+    for n in _torchvision_names():
+        spec = REGISTRY.get(n)
+        written = n if spec is not None and spec.source == "torchvision" else TORCHVISION + n
+        if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(written, pattern):
+            out.append((written, "torchvision"))
+    return sorted(out)
+
+
+def create_model(name: str, num_classes: int, pretrained: bool | str | Path = False, **kwargs: Any) -> nn.Module:
+    """Build a model with a ``num_classes`` head. ``pretrained``: ``True`` for the model's published
+    weights (needs the network unless cached), a path to a local weights file (safetensors, or a torch
+    file read with ``weights_only=True``), or ``False``; the classifier head is created anew for
+    ``num_classes`` when the weights have another number of classes. ``None`` kwargs are dropped so
+    unset options never override a model's defaults."""
+    source, base = source_of(name)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    path = None if isinstance(pretrained, bool) else Path(pretrained).expanduser()
+    if path is not None:
+        state = load_state_dict_file(path, what="pretrained weights")
+        if source == "timm":
+            return _timm_from_file(base, num_classes, path, state, kwargs)
+        return _load_skipping_head(_build(source, base, num_classes, kwargs), resolve_name(name), state,
+                                   num_classes, f"pretrained weights {path}")
+    if not pretrained:
+        return _build(source, base, num_classes, kwargs)
     try:
-        if spec.source == "timm":
-            import timm
+        with _hub_access():
+            if source == "timm":
+                import timm
 
-            return timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-        import torchvision
+                return timm.create_model(base, pretrained=True, num_classes=num_classes, **kwargs)
+            import contextlib
+            import io
 
-        builder = getattr(torchvision.models, spec.name)
-        if not pretrained:
-            return builder(weights=None, num_classes=num_classes, **kwargs)
-        model = builder(weights="DEFAULT", **kwargs)
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-        return model
+            from torchvision.models import get_model_weights
+
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.hub's "Downloading..." line
+                state = get_model_weights(base).DEFAULT.get_state_dict(progress=False)
     except CompressError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure to fetch weights becomes one clear line
-        if pretrained:
-            raise CompressError(
-                f"could not fetch pretrained weights for {spec.name} ({type(e).__name__}); they need the "
-                "network: connect, or give teacher.checkpoint=PATH, or set teacher.pretrained=false to train"
-            ) from None
-        raise
+        if "No pretrained weights exist" in str(e):
+            raise CompressError(f"{name} has no published pretrained weights; give pretrained: PATH "
+                                "(a local weights file) or pretrained: false") from None
+        raise CompressError(
+            f"could not fetch pretrained weights for {name} ({type(e).__name__}); they need the network: "
+            "connect, or give pretrained: PATH (a local .safetensors or torch file) or pretrained: false"
+        ) from None
+    return _load_skipping_head(_build(source, base, num_classes, kwargs), resolve_name(name), state, num_classes,
+                               f"torchvision's weights for {base}")
+
+
+def _build(source: str, base: str, num_classes: int, kwargs: dict) -> nn.Module:
+    try:
+        if source == "timm":
+            import timm
+
+            return timm.create_model(base, pretrained=False, num_classes=num_classes, **kwargs)
+        import torchvision
+
+        return torchvision.models.get_model(base, weights=None, num_classes=num_classes, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise CompressError(f"cannot build {source} model {base} with {num_classes} classes ({short(e)})") from e
+
+
+@contextmanager
+def _hub_access():
+    """Offline, the Hugging Face hub is asked for its cached files only: its client would otherwise
+    retry for a minute before failing."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    was = constants.HF_HUB_OFFLINE
+    if not was and not _reachable("huggingface.co"):
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def _reachable(host: str) -> bool:
+    import os
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy resolves names
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def _timm_from_file(base: str, num_classes: int, path: Path, state: dict, kwargs: dict) -> nn.Module:
+    """timm loads the file itself (its checkpoint filter converts other layouts) and drops the
+    classifier when the file has another number of classes; any other key the file lacks or adds is
+    an error here (timm only logs it)."""
+    import timm
+
+    if not state:
+        raise CompressError(f"pretrained weights {path} hold no tensors")
+    cls_keys = _timm_classifier_keys(base)
+    notes: list[str] = []
+    try:
+        with _capture_log("timm.models._builder", notes):
+            model = timm.create_model(base, pretrained=True, num_classes=num_classes,
+                                      pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise CompressError(f"pretrained weights {path} do not fit {base}: {_first_key_problem(e)}") from None
+    for note in notes:
+        m = re.match(r"(Missing|Unexpected) keys \((.*)\) (discovered|found) while loading", note)
+        if m:
+            keys = [k for k in m.group(2).split(", ") if k and k not in cls_keys]
+            if keys:
+                raise CompressError(f"pretrained weights {path} do not fit {base}: {m.group(1).lower()} "
+                                    f"{len(keys)} key(s), e.g. {keys[0]!r}")
+    return model
+
+
+def _timm_classifier_keys(base: str) -> set[str]:
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(base)
+    except RuntimeError:
+        cfg = None
+    names = (cfg.classifier if cfg is not None else None) or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+
+
+@contextmanager
+def _capture_log(logger_name: str, into: list[str]):
+    """Collect a library logger's INFO-and-above messages into ``into`` without printing them."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(record.getMessage())
+
+    handler = _Collect(logging.INFO)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _first_key_problem(e: BaseException) -> str:
+    """The first line of a ``load_state_dict`` error that names a key, else the error's first line."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+    return detail[:200]
+
+
+def head_modules(model: nn.Module, num_classes: int) -> dict[str, nn.Module]:
+    """The layers that write the logits (and auxiliary logits): linear layers with ``num_classes``
+    outputs, or, for a model without one (SqueezeNet), such 1×1 convolutions."""
+    named = dict(model.named_modules())
+    heads = {n: m for n, m in named.items() if isinstance(m, nn.Linear) and m.out_features == num_classes}
+    return heads or {n: m for n, m in named.items() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes}
+
+
+def _load_skipping_head(model: nn.Module, name: str, state: dict[str, torch.Tensor], num_classes: int,
+                        what: str) -> nn.Module:
+    """Load ``state`` into ``model``: every key must fit, except the classifier's, which keep their
+    fresh initialization when the weights were trained for another number of classes."""
+    own = model.state_dict()
+    head_keys = {f"{n}.{k}" for n, m in head_modules(model, num_classes).items() for k in m.state_dict()}
+    skip = {k for k in head_keys if k in state and state[k].shape != own[k].shape}
+    missing = [k for k in own if k not in state and k not in skip and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in state if k in own and k not in skip and state[k].shape != own[k].shape]
+    for problem, keys in (("missing", missing), ("unexpected", unexpected), ("differently shaped", wrong)):
+        if keys:
+            raise CompressError(f"{what} do not fit {name}: {problem} {len(keys)} key(s), e.g. {keys[0]!r}")
+    kept = OrderedDict((k, v) for k, v in state.items() if k not in skip)
+    kept._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(_with_versions(kept, model), strict=False)
+    return model
+
+
+def pretrained_data_config(name: str, pretrained: bool | str | Path) -> dict | None:
+    """The preprocessing the model's published weights were trained with: ``mean``, ``std`` (3 floats
+    each), ``input_size`` (pixels), ``interpolation`` and ``crop_pct``; ``None`` when ``pretrained``
+    is false. Read from timm's pretrained config (``timm.data.resolve_data_config``) or torchvision's
+    weights' transforms, so nothing is downloaded; a local file is taken to follow the model's own
+    published weights."""
+    if pretrained is False or pretrained is None or pretrained == "":
+        return None
+    source, base = source_of(name)
+    if source == "timm":
+        from timm.data import resolve_data_config, resolve_model_data_config
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(base)
+        if cfg is not None:
+            dc = resolve_data_config(pretrained_cfg=cfg.to_dict())
+        else:  # no registered weights: the defaults the built model carries
+            dc = resolve_model_data_config(_build("timm", base, 1000, {}))
+        mean, std = tuple(dc["mean"]), tuple(dc["std"])
+        return {"mean": _three(mean), "std": _three(std), "input_size": int(dc["input_size"][-1]),
+                "interpolation": str(dc["interpolation"]), "crop_pct": float(dc["crop_pct"])}
+    out = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "input_size": 224, "interpolation": "bilinear",
+           "crop_pct": 0.875}
+    try:
+        from torchvision.models import get_model_weights
+
+        t = get_model_weights(base).DEFAULT.transforms()
+    except (ValueError, AttributeError, KeyError):
+        return out
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    interp = getattr(t.interpolation, "value", t.interpolation)
+    return {"mean": _three(tuple(t.mean)), "std": _three(tuple(t.std)), "input_size": crop,
+            "interpolation": str(interp), "crop_pct": round(crop / resize, 4)}
+
+
+def _three(values: tuple) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    return values * 3 if len(values) == 1 else values[:3]  # type: ignore[return-value]
 
 
 # -- checkpoints: safetensors weights + JSON metadata; nothing a user hands in is unpickled ----------
@@ -93,11 +382,13 @@ def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     write_json(path.with_suffix(".json"), meta)
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from safetensors, or a torch file with ``weights_only=True``."""
+def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Read weights from safetensors, or a torch file with ``weights_only=True`` (a state dict, or one
+    under ``state_dict`` or ``model``; a ``module.`` prefix is dropped). Nothing is unpickled beyond
+    tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
-        raise CompressError(f"checkpoint not found: {path}")
+        raise CompressError(f"{what} not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -106,16 +397,33 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise CompressError(f"checkpoint {path} cannot be read ({type(e).__name__}); is it corrupt?") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # an object or a callable
+            raise CompressError(f"{what} {path} holds more than tensors (pickled objects or code), which is not "
+                                "loaded; save a state dict (model.state_dict()) or a .safetensors file") from None
+        raise CompressError(f"{what} {path} cannot be read ({type(e).__name__}); is it corrupt?") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CompressError(f"checkpoint {path} does not hold a state dict of tensors")
+        raise CompressError(f"{what} {path} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
+def _with_versions(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with the module versions of ``model``'s own state dict when it carries none (a
+    safetensors file keeps no ``_metadata``; torchvision's MNASNet refuses a state dict without it)."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    out = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    return out
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    state = load_state_dict_file(path)
+    state = _with_versions(load_state_dict_file(path), model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -143,7 +451,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def model_from_meta(meta: dict[str, Any]) -> nn.Module:
     """A fresh model of the architecture a checkpoint's metadata describes: its registry name and
     classes, and for a pruned model the stored channel counts."""
-    model = create_model(meta["model"], int(meta["num_classes"]))
+    model = create_model(meta["model"], int(meta["num_classes"]))  # the name resolve_name wrote
     if meta.get("arch"):
         apply_architecture(model, meta["arch"])
     return model

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
+
+import torch
 
 from compress import __version__, stages
 from compress.config import PipelineConfig
@@ -20,9 +23,9 @@ from compress.context import RunContext, StageResult
 from compress.data import data_identity
 from compress.fsio import read_json, replace_dir, sha256_json, write_json
 from compress.graph import FORMAT_VERSION
-from compress.errors import short
+from compress.errors import CompressError, short
 from compress.logs import FILE_ONLY, run_log
-from compress.models import load_state_dict_file
+from compress.models import create_model, load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +91,70 @@ def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
 
 def preflight(ctx: RunContext) -> None:
     """Check what the user handed in before any stage starts: the data loads, a teacher checkpoint
-    exists and holds tensors. Bad input then fails with one line and nothing written."""
+    exists and holds tensors, pretrained weights are there and fit their model, and each model runs
+    on the data's images and survives what the recipe's stages will do to it (:func:`probe`). Bad
+    input then fails with one line and nothing written."""
+    cfg = ctx.cfg
     _ = ctx.data
-    if ctx.cfg.teacher.checkpoint and "teacher" in ctx.cfg.stages:
-        load_state_dict_file(Path(ctx.cfg.teacher.checkpoint).expanduser())
+    if cfg.teacher.checkpoint and "teacher" in cfg.stages:
+        load_state_dict_file(Path(cfg.teacher.checkpoint).expanduser())
+    probe(ctx)
+
+
+def probe(ctx: RunContext) -> None:
+    """Build every model of the run (with its pretrained weights, so a file that does not fit or a
+    fetch that needs the network fails now), run each on two images of the data's size, and hand the
+    student to the probe of each stage that changes it (pruning, QAT) on a copy. A failure is one line
+    that says which stage to leave out."""
+    cfg, data = ctx.cfg, ctx.data
+    plan = [stages.get(s) for s in cfg.stages]
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning's and the tracers' notes on a throwaway copy
+        student, name = None, ""
+        for role, model_name, pretrained in [m for stage in plan if stage.models for m in stage.models(ctx)]:
+            model = create_model(model_name, data.num_classes, pretrained=pretrained)
+            _runs(role, model_name, model, data.image_size, data.num_classes)
+            if role == "student":
+                student, name = model, model_name
+        if student is None:
+            return
+        failed: list[tuple[str, str]] = []
+        for stage in plan:
+            if stage.probe is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                student = stage.probe(ctx, student)
+            except Exception as e:  # noqa: BLE001 - what the stage would meet hours later, now in one line
+                log.debug(f"probe of stage {stage.name} failed", exc_info=True)
+                why = short(e, 200, typed=not isinstance(e, CompressError))
+                failed.append((stage.name, f"cannot be {stage.probe_does} ({why})"))
+            log.debug(f"probe of stage {stage.name}: {time.perf_counter() - t0:.2f}s")
+    if failed:
+        names = [f for f, _ in failed]
+        keep = [s for s in cfg.stages if s not in names and s != "assistant"]  # assistant is added by itself
+        raise CompressError(f"student {name} " + "; it ".join(why for _, why in failed)
+                            + f"; remove {' and '.join(repr(n) for n in names)} from stages "
+                            f"(--set 'stages=[{','.join(keep)}]')")
+
+
+def _runs(role: str, name: str, model: torch.nn.Module, size: int, num_classes: int) -> None:
+    """One training-mode and one inference forward pass on two images return (2, num_classes) logits."""
+    x = torch.randn(2, 3, size, size)
+    try:
+        for training in (True, False):
+            model.train(training)
+            with torch.no_grad():
+                out = model(x)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"{'training' if training else 'inference'} forward returns {got}, "
+                                 f"not logits of shape (2, {num_classes})")
+    except Exception as e:  # noqa: BLE001
+        raise CompressError(f"{role} {name} does not run on {size}×{size} images ({short(e, 140)}); "
+                            "choose another model or data.image_size") from None
+    finally:
+        model.eval()
 
 
 def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False,

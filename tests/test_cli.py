@@ -21,7 +21,7 @@ def _one_line_error(result, needle):
 
 
 def test_unknown_model(cli):
-    _one_line_error(cli("models", "nothing*"), "no model matches")
+    _one_line_error(cli("models", "nothing*"), "no tested model matches")
 
 
 def test_models_lists_parameter_counts(cli):
@@ -117,3 +117,53 @@ def test_smoke_pipeline_end_to_end_then_skips(cli, tiny_recipe, tmp_path):
     # another run with the same data and teacher settings reuses the cached teacher
     other = cli("pipeline", tiny_recipe(name="other", stages=["teacher"]), "--artifacts", art)
     assert other.returncode == 0 and "reusing cached" in other.stderr
+
+
+def test_models_all_lists_timm_and_torchvision_names(cli):
+    r = cli("models", "--all", "efficientnet_b*")
+    assert r.returncode == 0, r.stderr
+    names = [line.split()[0] for line in r.stdout.splitlines()[1:-1]]
+    assert "efficientnet_b0" in names and "torchvision:efficientnet_b0" in names
+    assert all("efficientnet_b" in n for n in names)
+    tested = cli("models", "mobilenet*")
+    assert "compress models --all" in tested.stdout.splitlines()[-1]
+    _one_line_error(cli("models", "--all", "no_such_model*"), "no timm or torchvision model matches")
+
+
+def test_probe_refuses_what_a_stage_cannot_handle_before_anything_is_written(cli, tiny_recipe, tmp_path):
+    """ConvNeXt's layer scales and LayerNorms shrink with its channels, which a pruned checkpoint does
+    not record; a ViT made for 224-pixel images does not run on 16-pixel ones."""
+    art = tmp_path / "art"
+    recipe = tiny_recipe(stages=["teacher", "distill", "prune", "export", "bench"], data={"image_size": 32})
+    r = cli("pipeline", recipe, "--student", "convnext_atto", "--artifacts", art)
+    _one_line_error(r, "student convnext_atto cannot be pruned (")
+    assert "remove 'prune' from stages (--set 'stages=[teacher,distill,export,bench]')" in r.stderr
+    _one_line_error(cli("pipeline", tiny_recipe(), "--teacher", "vit_tiny_patch16_224", "--artifacts", art),
+                    "teacher vit_tiny_patch16_224 does not run on 16×16 images")
+    assert not art.exists()
+
+
+def test_pretrained_files_start_teacher_and_student(cli, tiny_recipe, tmp_path):
+    """A resnet18 teacher from a 1000-class safetensors file and a mobilenetv2 student from a
+    1000-class torch file, both for the 10 digits (epochs 0: the saved models are the started ones)."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    teacher_file, student_file = tmp_path / "resnet18.safetensors", tmp_path / "student.pt"
+    save_file(create_model("resnet18", 1000).state_dict(), str(teacher_file))
+    torch.save(create_model("mobilenetv2_035", 1000).state_dict(), student_file)
+    art = tmp_path / "art"
+    recipe = tiny_recipe(stages=["teacher", "distill"], teacher={"model": "resnet18", "epochs": 0,
+                                                                 "pretrained": str(teacher_file)},
+                         distill={"pretrained": str(student_file), "epochs": 0})
+    r = cli("pipeline", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    run = art / "tiny"
+    for stage, original, head in (("teacher", load_file(str(teacher_file)), "fc."),
+                                  ("distill", torch.load(student_file, weights_only=True), "classifier.")):
+        saved = load_file(str(run / stage / "model.safetensors"))
+        assert saved[f"{head}weight"].shape[0] == 10
+        body = [k for k in saved if not k.startswith(head) and "num_batches" not in k]
+        assert body and all(torch.equal(saved[k], original[k]) for k in body), stage
+    assert "pretrained weights" in json.loads((run / "teacher" / "metrics.json").read_text())["source"]
+    assert json.loads((run / "distill" / "metrics.json").read_text())["start"] == f"pretrained weights {student_file}"

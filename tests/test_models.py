@@ -1,8 +1,11 @@
+import socket
+
 import pytest
 import torch
 
 from compress.errors import CompressError
-from compress.models import ALIASES, REGISTRY, create_model, load_checkpoint, load_weights, resolve_name, save_checkpoint
+from compress.models import (ALIASES, REGISTRY, all_model_names, create_model, load_checkpoint, load_weights,
+                             model_spec, pretrained_data_config, resolve_name, save_checkpoint)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -25,12 +28,139 @@ def test_aliases_resolve():
     assert set(ALIASES.values()) <= set(REGISTRY)
 
 
-def test_unknown_model_lists_valid_names():
+def test_unknown_model_is_one_line_with_close_names():
     with pytest.raises(CompressError) as e:
         create_model("resnet1000", 10)
     msg = str(e.value)
-    assert "unknown model 'resnet1000'" in msg and "resnet18" in msg and "shufflenet" in msg
-    assert "\n" not in msg
+    assert "unknown model 'resnet1000'" in msg and "resnet101" in msg and "compress models --all 'resnet*'" in msg
+    assert "\n" not in msg and len(msg) < 300
+    for bad in ("torchvision:nope", "resnet18.no_such_tag", "timm:shufflenet_v2_x1_0"):
+        with pytest.raises(CompressError, match="unknown model"):
+            resolve_name(bad)
+
+
+def test_any_timm_or_torchvision_classifier_resolves_builds_and_round_trips(tmp_path):
+    """Names outside the tested set: timm's (with an optional pretrained tag) and torchvision's; a name
+    both know is timm's unless written torchvision:NAME. The canonical name rebuilds the checkpoint."""
+    assert resolve_name("resnet18") == "resnet18" and model_spec("resnet18").lr_scale == 1.0
+    assert resolve_name("timm:resnet18") == "resnet18"
+    assert resolve_name("torchvision:resnet18") == "torchvision:resnet18"
+    assert resolve_name("mnasnet0_5") == "torchvision:mnasnet0_5"  # torchvision only
+    assert resolve_name("torchvision:shufflenet_v2_x0_5") == "shufflenet_v2_x0_5"  # a tested torchvision model
+    assert resolve_name("regnetx_002.pycls_in1k") == "regnetx_002.pycls_in1k"
+    assert model_spec("vgg11_bn").lr_scale == 0.2 and model_spec("regnetx_002").role == "any"
+    assert type(create_model("torchvision:resnet18", 3)).__module__.startswith("torchvision.")
+    assert type(create_model("resnet18", 3)).__module__.startswith("timm.")
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("regnetx_002", "mnasnet0_5"):
+        torch.manual_seed(0)
+        model = create_model(name, 5).eval()
+        assert model(x).shape == (2, 5)
+        path = tmp_path / f"{name.replace(':', '_')}.safetensors"
+        save_checkpoint(model, path, {"model": resolve_name(name), "num_classes": 5})
+        again, meta = load_checkpoint(path)
+        assert torch.equal(again(x), model(x)) and meta["model"] == resolve_name(name)
+
+
+def test_all_model_names_lists_without_building():
+    names = dict(all_model_names("efficientnet_b*"))
+    assert names["efficientnet_b0"] == "timm" and names["torchvision:efficientnet_b0"] == "torchvision"
+    assert all(n.startswith(("efficientnet_b", "torchvision:efficientnet_b")) for n in names)
+    everything = all_model_names()
+    assert len(everything) > 1000 and ("shufflenet_v2_x1_0", "torchvision") in everything
+
+
+def _head_and_body(model, head):
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if k.startswith(head)}, \
+           {k: v for k, v in state.items() if not k.startswith(head) and "num_batches" not in k}
+
+
+@pytest.mark.parametrize("name,head,suffix", [("resnet18", "fc.", ".safetensors"),
+                                              ("mobilenetv2_035", "classifier.", ".pt"),
+                                              ("torchvision:mnasnet0_5", "classifier.", ".pt")])
+def test_pretrained_file_keeps_the_body_and_makes_a_new_head(tmp_path, name, head, suffix):
+    """Weights saved from a 1000-class model start a 10-class one: every weight but the classifier's
+    comes from the file."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = create_model(name, 1000)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    torch.manual_seed(2)
+    model = create_model(name, 10, pretrained=path)
+    got_head, got_body = _head_and_body(model, head)
+    _, want_body = _head_and_body(source, head)
+    assert got_body.keys() == want_body.keys()
+    assert all(torch.equal(got_body[k], want_body[k]) for k in want_body)
+    assert [v.shape[0] for k, v in got_head.items() if k.endswith("weight")] == [10]
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    # the same number of classes: the head comes from the file too
+    same = create_model(name, 1000, pretrained=path)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in same.state_dict().items())
+
+
+def test_pretrained_file_refusals_are_one_line(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo should-never-run",)
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": torch.zeros(1), "x": Payload()}, evil)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not weights")
+    other = tmp_path / "resnet18.pt"
+    torch.save(create_model("resnet18", 1000).state_dict(), other)
+    cases = [(evil, "resnet18", "holds more than tensors"), (corrupt, "resnet18", "cannot be read"),
+             (tmp_path / "absent.pt", "resnet18", "not found"), (other, "resnet34", "do not fit resnet34"),
+             (other, "mobilenetv2_035", "do not fit"), (other, "torchvision:resnet34", "do not fit")]
+    for path, name, needle in cases:
+        with pytest.raises(CompressError) as e:
+            create_model(name, 10, pretrained=path)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def _offline() -> bool:
+    try:
+        socket.getaddrinfo("huggingface.co", 443)
+        socket.getaddrinfo("download.pytorch.org", 443)
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not _offline(), reason="needs a machine without network")
+def test_published_weights_offline_is_one_line():
+    for name in ("resnet18", "torchvision:mnasnet0_5"):
+        with pytest.raises(CompressError) as e:
+            create_model(name, 10, pretrained=True)
+        assert "could not fetch pretrained weights" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pretrained_data_config_reads_the_published_preprocessing():
+    import timm
+    from timm.data import resolve_model_data_config
+
+    assert pretrained_data_config("mobilenet", False) is None
+    vit = pretrained_data_config("vit_tiny_patch16_224", True)
+    assert vit == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "input_size": 224,
+                   "interpolation": "bicubic", "crop_pct": 0.9}
+    for name in ("inception_v3", "resnet18.a1_in1k", "efficientnet_b0"):
+        want = resolve_model_data_config(timm.create_model(name, pretrained=False))
+        got = pretrained_data_config(name, "weights.safetensors")
+        assert got["input_size"] == want["input_size"][-1] and got["crop_pct"] == want["crop_pct"]
+        assert got["mean"] == tuple(want["mean"]) and got["interpolation"] == want["interpolation"]
+    assert pretrained_data_config("resnet18.a1_in1k", True)["crop_pct"] == 0.95
+    tv = pretrained_data_config("torchvision:efficientnet_b3", True)
+    assert tv["input_size"] == 300 and tv["interpolation"] == "bicubic"
+    assert tv["crop_pct"] == pytest.approx(300 / 320, abs=1e-3)
+    assert pretrained_data_config("shufflenet", True)["mean"] == (0.485, 0.456, 0.406)
 
 
 def test_checkpoint_round_trip_and_bad_files(tmp_path):

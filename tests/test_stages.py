@@ -102,3 +102,48 @@ def test_report_rows_follow_the_artifact_table(full_run):
     assert rows["student_int8"]["label"] == "student INT8 (QAT)" and rows["student_int8"]["precision"] == "int8"
     # a quantized file keeps the pruned student's architecture
     assert rows["student_int8"]["params"] == rows["student_pruned"]["params"] < rows["student"]["params"]
+
+
+def test_a_pretrained_file_enters_the_fingerprint_by_its_content(tmp_path):
+    """Another file at the same path must not reuse a stage or a cached teacher; the same file at
+    another path reuses the cached teacher."""
+    import shutil
+
+    import torch
+
+    from compress.config import validate_recipe
+    from compress.context import RunContext
+    from compress.stages import distill, teacher
+
+    a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.save({"w": torch.zeros(2)}, a)
+    torch.save({"w": torch.ones(2)}, b)
+    shutil.copy(a, c)
+
+    def ctx(path):
+        cfg = validate_recipe({"name": "x", "teacher": {"pretrained": str(path)}, "distill": {"pretrained": str(path)}})
+        return RunContext(cfg=cfg, run_dir=tmp_path, cache_dir=tmp_path)
+
+    before = (teacher.identity(ctx(a)), distill.identity(ctx(a)), teacher.cache_key(ctx(a), "resnet18"))
+    shutil.copy(b, a)  # same path, other weights
+    after = (teacher.identity(ctx(a)), distill.identity(ctx(a)), teacher.cache_key(ctx(a), "resnet18"))
+    assert all(x != y for x, y in zip(before, after))
+    assert teacher.cache_key(ctx(c), "resnet18") == before[2]
+
+
+def test_preflight_refuses_weights_that_do_not_fit_before_anything_is_written(tmp_path):
+    import torch
+
+    from compress.config import validate_recipe
+    from compress.errors import CompressError
+    from compress.models import create_model
+    from compress.pipeline import run_pipeline
+
+    weights = tmp_path / "resnet18.pt"
+    torch.save(create_model("resnet18", 1000).state_dict(), weights)
+    cfg = validate_recipe({"name": "x", "stages": ["teacher", "distill"], "data": {"image_size": 16},
+                           "teacher": {"model": "mobilenetv3_small_050"},
+                           "distill": {"student": "mobilenetv2_035", "pretrained": str(weights)}})
+    with pytest.raises(CompressError, match="do not fit mobilenetv2_035"):
+        run_pipeline(cfg, artifacts=tmp_path / "art")
+    assert not (tmp_path / "art").exists()

@@ -66,6 +66,9 @@ class QConvBn2d(QATModule):
         if self.training and not self.freeze_bn:
             std = torch.sqrt(bn.running_var + bn.eps)
             factor = bn.weight / std
+            # a channel whose BatchNorm scale is exactly zero (timm's zero_init_last residual BN) would
+            # give 0/0: its weight is quantized unscaled instead, so batch_norm still sees the conv output
+            factor = torch.where(factor == 0, torch.ones_like(factor), factor)
             y = self._conv(x, q(self.conv.weight * factor.reshape(-1, 1, 1, 1)), None)
             y = y / factor.reshape(1, -1, 1, 1)
             if self.conv.bias is not None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from compress.context import RunContext
 from compress.graph import NODES, ORDER, StageNode
 
 Run = Callable[[RunContext, Path, Path], dict]  # (ctx, out_dir, work_dir) -> metrics
+# (ctx, student) -> the student as the stage would leave it; raises when the stage cannot handle it
+Probe = Callable[[RunContext, Any], Any]
+# ctx -> (role, model name, starting weights) of each model the stage builds
+Models = Callable[[RunContext], list[tuple[str, str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,13 @@ class Stage:
     config: Callable[[RunContext], dict] | None = None
     # more of what the stage's output depends on (a checkpoint's hash, extra teachers)
     identity: Callable[[RunContext], dict] | None = None
+    # a cheap check, before the run starts, that the stage can handle the student: a copy is pruned or
+    # rewritten on a tiny input; ``probe_does`` says what for the message ("pruned", "quantized")
+    probe: Probe | None = None
+    probe_does: str = ""
+    # the models the stage builds (role "student" for the one the later stages change), which the
+    # runner builds with their starting weights and runs once before the run starts
+    models: Models | None = None
 
     @property
     def name(self) -> str:
@@ -36,13 +47,14 @@ STAGES: dict[str, Stage] = {}
 
 
 def register(name: str, *, config: Callable[[RunContext], dict] | None = None,
-             identity: Callable[[RunContext], dict] | None = None) -> Callable[[Run], Run]:
+             identity: Callable[[RunContext], dict] | None = None, probe: Probe | None = None,
+             probe_does: str = "", models: Models | None = None) -> Callable[[Run], Run]:
     """Decorator for a stage's ``run``: ``@register("prune")``."""
     if name not in NODES:
         raise ValueError(f"stage {name!r} is not in the stage graph ({', '.join(ORDER)})")
 
     def deco(run: Run) -> Run:
-        STAGES[name] = Stage(NODES[name], run, config, identity)
+        STAGES[name] = Stage(NODES[name], run, config, identity, probe, probe_does, models)
         return run
 
     return deco

@@ -3,12 +3,16 @@ and measuring a model on the test split."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from compress import metrics as M
 from compress.context import RunContext
 from compress.distill import METHODS
 from compress.evaluate import predict
+from compress.errors import CompressError
+from compress.fsio import sha256_file
 from compress.models import load_checkpoint, resolve_name
 
 MODEL_FILE = "model.safetensors"
@@ -19,6 +23,31 @@ def model_meta(ctx: RunContext, name: str, role: str) -> dict:
     d = ctx.data
     return {"model": resolve_name(name), "role": role, "num_classes": d.num_classes, "image_size": d.image_size,
             "mean": list(d.mean), "std": list(d.std), "class_names": d.class_names, "dataset": d.name}
+
+
+def pretrained_file(value: bool | str, key: str) -> Path | None:
+    """The local weights file a ``pretrained: PATH`` setting names (``key`` is the recipe key, for the
+    message), or None for ``true``/``false``."""
+    if isinstance(value, bool) or not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CompressError(f"{key}: pretrained weights not found: {path}")
+    return path
+
+
+def pretrained_identity(value: bool | str, key: str) -> dict:
+    """What a stage's output depends on beyond the recipe's text: the hash of a pretrained weights file
+    (another file at the same path must not reuse the stage)."""
+    path = pretrained_file(value, key)
+    return {"pretrained_sha256": sha256_file(path)} if path is not None else {}
+
+
+def pretrained_source(value: bool | str) -> str:
+    """How a model started, for its metrics."""
+    if value is True:
+        return "published pretrained weights"
+    return f"pretrained weights {value}" if value else "random initialization"
 
 
 def load_stage_model(ctx: RunContext, stage: str) -> torch.nn.Module:

@@ -1,4 +1,6 @@
-"""Stage ``distill``: the student trained with the recipe's distillation method (``distill.method``).
+"""Stage ``distill``: the student trained with the recipe's distillation method (``distill.method``),
+starting from ``distill.pretrained`` weights when set (published ones, or a local file; peers of
+mutual learning start from scratch).
 
 Reads: ``teacher/model.safetensors`` (and ``teacher/teachers/*`` for multi-teacher KD, or
 ``assistant/model.safetensors`` for ``ta``).
@@ -18,7 +20,8 @@ from compress.distill import METHODS, Objective, build_method
 from compress.evaluate import predict
 from compress.models import create_model, load_checkpoint, resolve_name, save_checkpoint
 from compress.stages import register
-from compress.stages.common import MODEL_FILE, extra_teachers, load_stage_model, model_meta, review
+from compress.stages.common import (MODEL_FILE, extra_teachers, load_stage_model, model_meta, pretrained_identity,
+                                    pretrained_source, review)
 from compress.train import fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,21 @@ def load_teachers(ctx: RunContext, teacher: torch.nn.Module) -> list[torch.nn.Mo
     return teachers
 
 
-@register("distill")
+def identity(ctx: RunContext) -> dict:
+    return pretrained_identity(ctx.cfg.distill.pretrained, "distill.pretrained")
+
+
+def models(ctx: RunContext) -> list[tuple[str, str, bool | str]]:
+    return [("student", resolve_name(ctx.cfg.distill.student), ctx.cfg.distill.pretrained)]
+
+
+@register("distill", identity=identity, models=models)
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.distill, ctx.data
     name = resolve_name(cfg.student)
     teacher = load_stage_model(ctx, "teacher")
     seed_everything(ctx.cfg.seed)
-    student = create_model(name, data.num_classes)
+    student = create_model(name, data.num_classes, pretrained=cfg.pretrained)
 
     def make_model(model_name: str, k: int) -> torch.nn.Module:
         seed_everything(ctx.cfg.seed + 1000 * k)  # each peer its own initialization
@@ -69,6 +80,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         "model": name,
         "teacher": teacher_name,
         "method": cfg.method,
+        "start": pretrained_source(cfg.pretrained),
         "method_params": objective.p.model_dump(mode="json"),
         "alpha": cfg.alpha,
         "temperature": cfg.temperature,

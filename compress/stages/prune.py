@@ -9,6 +9,7 @@ counts every layer now has), and per-step MACs, parameters and accuracy in ``met
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from compress.context import RunContext
 from compress.data import without_augmentation
 from compress.distill import HintonKD, logit_objective
 from compress.evaluate import loader, predict
-from compress.models import architecture, save_checkpoint
+from compress.errors import short
+from compress.models import apply_architecture, architecture, save_checkpoint
 from compress.stages import register
 from compress.stages.common import MODEL_FILE, load_stage_model, model_meta
 from compress.train import fit, seed_everything
@@ -27,7 +29,48 @@ from compress.train import fit, seed_everything
 log = logging.getLogger(__name__)
 
 
-@register("prune")
+def pruners(ctx: RunContext, model: torch.nn.Module, steps: int | None = None) -> P.Plan:
+    """The pruning plan of ``model`` with its pruners as the recipe sets them (``steps``: how many
+    pruning steps reach the target; default the stage's own)."""
+    cfg, data = ctx.cfg.prune, ctx.data
+    plan = P.plan(model, data.image_size, data.num_classes)
+    by_macs = cfg.macs_target is not None
+    # a MACs budget is reached by fine sub-steps; a channel ratio in exactly iterative_steps steps
+    P.build_pruners(plan, cfg.importance, cfg.max_layer_ratio if by_macs else cfg.channel_ratio,
+                    steps or (30 if by_macs else cfg.iterative_steps), cfg.round_to, cfg.global_pruning)
+    return plan
+
+
+def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
+    """Prune a copy of ``student`` as far as the recipe allows in one step, run it, and rebuild it from
+    its stored architecture as the later stages will; returns the pruned copy."""
+    model = P.clone(student)
+    size, n = ctx.data.image_size, ctx.data.num_classes
+    plan = pruners(ctx, model, steps=1)
+    x = torch.randn(2, 3, size, size)
+    model.eval()
+    if ctx.cfg.prune.importance == "taylor":
+        model(x).sum().backward()
+    for u in plan.units:
+        u.pruner.step()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        out = model(x)
+    if tuple(out.shape) != (2, n):
+        raise RuntimeError(f"the pruned model returns shape {tuple(out.shape)}, not (2, {n})")
+    rebuilt = apply_architecture(P.clone(student), architecture(model))
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        found = re.search(r"(?:size mismatch for|Missing key\(s\) in state_dict:|Unexpected key\(s\) in state_dict:) "
+                          r"\"?([\w.]+)", str(e))
+        what = found.group(1) if found else short(e, 80)
+        raise RuntimeError(f"pruning resizes {what}, which a pruned checkpoint does not record (it keeps the "
+                           "sizes of convolutions, BatchNorm and linear layers only)") from None
+    return model
+
+
+@register("prune", probe=probe, probe_does="pruned")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.prune, ctx.data
     name = ctx.metrics("distill")["model"]
@@ -36,13 +79,10 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     size = data.image_size
     base_macs, base_params = M.count_macs(model, size), M.count_params(model)
     arch_before = architecture(model)
-    plan = P.plan(model, size, data.num_classes)
+    plan = pruners(ctx, model)
     for part in plan.left_whole:
         log.info(f"[prune] left whole: {part}")
     by_macs = cfg.macs_target is not None
-    # a MACs budget is reached by fine sub-steps; a channel ratio in exactly iterative_steps steps
-    P.build_pruners(plan, cfg.importance, cfg.max_layer_ratio if by_macs else cfg.channel_ratio,
-                    30 if by_macs else cfg.iterative_steps, cfg.round_to, cfg.global_pruning)
     steps = _steps(ctx, model, teacher, plan, base_macs, work)
     arch = architecture(model)
     save_checkpoint(model, out / MODEL_FILE, {**model_meta(ctx, name, "student_pruned"), "arch": arch})

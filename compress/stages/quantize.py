@@ -28,7 +28,24 @@ from compress.stages.common import MODEL_FILE, load_stage_model, model_meta
 from compress.train import fit, seed_everything
 
 
-@register("quantize")
+def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
+    """Rewrite ``student`` into its fake-quant form on a tiny input, calibrate it on noise, and run a
+    training step's forward and backward and an inference forward with fake quantization on."""
+    size, n = ctx.data.image_size, ctx.data.num_classes
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, size, size))
+    qat.calibrate(gm, [torch.randn(2, 3, size, size)])
+    qat.qat_schedule(gm, 0, ctx.cfg.quantize.freeze_observers_after, ctx.cfg.quantize.freeze_bn_after)
+    gm.train()
+    gm(torch.randn(2, 3, size, size)).sum().backward()
+    gm.eval()
+    with torch.no_grad():
+        out = gm(torch.randn(1, 3, size, size))
+    if tuple(out.shape) != (1, n):
+        raise RuntimeError(f"the fake-quant model returns shape {tuple(out.shape)}, not (1, {n})")
+    return student
+
+
+@register("quantize", probe=probe, probe_does="quantized")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.quantize, ctx.data
     source = student_stage(ctx.cfg.stages)
