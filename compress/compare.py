@@ -34,7 +34,7 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
     if cfg.compare is None:
         raise ConfigError(f"recipe {cfg.name!r} has no compare section (compare.methods: [scratch, kd, ...])")
     out_dir = artifacts / cfg.name
-    rows, failed = [], []
+    rows, failed, ctx = [], [], None
     configs = {m: method_config(cfg, m) for m in cfg.compare.methods}  # every recipe checked before training
     for i, method in enumerate(cfg.compare.methods):
         log.info(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
@@ -65,8 +65,9 @@ def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force:
             "final_loss": m["history"][-1]["loss"] if m["history"] else None, "params": m["params"],
             "method_params": m.get("method_params", {}), **extra,
         })
+    dataset = ctx.data.describe() if ctx is not None else load_data(cfg.data).describe()
     result = {"name": cfg.name, "student": resolve_name(cfg.distill.student), "teacher": resolve_name(cfg.teacher.model),
-              "dataset": load_data(cfg.data).describe(), "epochs": cfg.distill.epochs, "rows": rows}
+              "dataset": dataset, "epochs": cfg.distill.epochs, "rows": rows}
     write_json(out_dir / "compare.json", result)
     write_text(out_dir / "report.md", markdown(cfg, result))
     log.info(f"[compare] table: {out_dir / 'report.md'}")

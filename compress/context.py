@@ -7,7 +7,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compress.config import PipelineConfig
-from compress.data import DataBundle, load_data
+from compress.data import DataBundle, data_identity, load_data
+
+
+def input_defaults(cfg: PipelineConfig) -> dict | None:
+    """Input settings (mean, std, size, interpolation, crop) of the model that starts from published
+    weights, the student's first, else the teacher's; None when neither does."""
+    for name, pretrained in ((cfg.distill.student, cfg.distill.pretrained),
+                             (cfg.teacher.model, cfg.teacher.pretrained)):
+        if pretrained:
+            from compress.models import pretrained_data_config
+
+            return pretrained_data_config(name, pretrained)
+    return None
 
 
 @dataclass
@@ -31,8 +43,13 @@ class RunContext:
     @property
     def data(self) -> DataBundle:
         if self._data is None:
-            self._data = load_data(self.cfg.data)
+            self._data = load_data(self.cfg.data, defaults=input_defaults(self.cfg),
+                                   scan_cache=self.cache_dir / "image-scans")
         return self._data
+
+    def data_identity(self) -> dict:
+        """The data as stage fingerprints see it, with the input settings resolved."""
+        return data_identity(self.cfg.data, self.data)
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name

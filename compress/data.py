@@ -4,8 +4,10 @@ imagefolder:PATH; seeded stratified splits; upscaling to the training size; norm
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -19,23 +21,45 @@ from compress.evaluate import loader
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CROP_PCT = 0.875  # timm's
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 class DataConfig(BaseModel):
-    """Which images, how they are split and fed."""
+    """Which images, how they are split, augmented and fed.
+
+    ``image_size``, ``mean``, ``std``, ``interpolation`` and ``crop_pct`` left unset come from the
+    pretrained model's configuration when a model starts from published weights, else from the data
+    (the images' typical size, ImageNet statistics for photographs, the training split's statistics
+    for digits and CIFAR)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     dataset: str = Field("digits", description="digits | cifar10 | cifar100 | imagefolder:PATH")
     root: str = Field("data", description="where cifar10/cifar100 live or are downloaded to")
     download: bool = Field(False, description="download cifar10/cifar100 if absent (needs the network)")
-    image_size: int = Field(32, ge=8, le=1024)
+    image_size: int | None = Field(None, ge=8, le=1024, description="default: from the model or the data")
+    mean: tuple[float, float, float] | None = Field(None, description="per-channel input mean (0-1 scale)")
+    std: tuple[float, float, float] | None = Field(None, description="per-channel input std (0-1 scale)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    crop_pct: float | None = Field(None, ge=0.5, le=1.0,
+                                   description="evaluation: resize to size/crop_pct, then centre crop")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.3, gt=0.0, lt=0.9)
     split_seed: int = Field(0, ge=0)
     batch_size: int = Field(64, ge=2, le=4096)
-    augment: bool = Field(True, description="random shifts of up to 1/8 of the image while training")
+    augment: bool = Field(True, description="augment the training split (photos: the settings below; "
+                                            "digits and CIFAR: random shifts)")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: float = Field(0.4, ge=0.0, le=2.0, description="unused when auto_augment is set")
+    auto_augment: str | None = Field(None, description="randaugment | trivialaugment | a timm policy "
+                                                       "string such as rand-m9-mstd0.5-inc1")
+    re_prob: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
+    workers: int | None = Field(None, ge=0, le=256, description="image decoding processes; default: the cores")
+    skip_bad_images: bool = Field(False, description="leave out unreadable images instead of refusing the run")
 
     @field_validator("dataset")
     @classmethod
@@ -43,6 +67,51 @@ class DataConfig(BaseModel):
         if v in ("digits", "cifar10", "cifar100") or (v.startswith("imagefolder:") and len(v) > 12):
             return v
         raise ValueError("must be digits, cifar10, cifar100 or imagefolder:PATH")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] or v[1] > 10:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _policy(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            _train_transform_policy(v)
+        except Exception:  # noqa: BLE001 - timm asserts on malformed policy strings
+            raise ValueError(f"unknown augmentation policy {v!r}; use randaugment, trivialaugment or a timm "
+                             "string such as rand-m9-mstd0.5-inc1") from None
+        return v
+
+    def num_workers(self) -> int:
+        return default_workers() if self.workers is None else self.workers
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# named policies mapped to timm's policy strings; trivialaugment: one op, magnitude uniform over the range
+POLICIES = {"randaugment": "rand-m9-mstd0.5-inc1", "trivialaugment": "rand-n1-m10-mstd101-inc1"}
+
+
+def _train_transform_policy(name: str):
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    policy = POLICIES.get(name, name)
+    params = {"translate_const": 10, "img_mean": (124, 116, 104)}
+    if policy.startswith("rand"):
+        return rand_augment_transform(policy, params)
+    if policy.startswith("augmix"):
+        return augment_and_mix_transform(policy, params)
+    return auto_augment_transform(policy, params)
 
 
 class ImageDataset(Dataset):
@@ -65,28 +134,62 @@ class ImageDataset(Dataset):
         return x, self.labels[i]
 
 
-class FileImageDataset(Dataset):
-    """Image files read lazily, resized to ``size``, normalized with ImageNet statistics."""
+def open_rgb(path: str | Path):
+    """A PIL RGB image from any file PIL reads: grayscale, palette (with transparency), CMYK and 16-bit
+    images are converted, 16-bit values scaled to 8 bits rather than clipped."""
+    from PIL import Image
 
-    def __init__(self, files: list[Path], labels: list[int], size: int, mean, std, augment: bool = False):
-        self.files, self.labels, self.size, self.augment = files, torch.tensor(labels).long(), size, augment
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        self.pad = max(1, size // 8)
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            a = np.asarray(im, dtype=np.float32)
+            top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
+            im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
+        elif im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        return im.convert("RGB")
+
+
+def seed_sample(seed: int) -> None:
+    """Seed every random source a transform may draw from, for one sample."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class FolderDataset(Dataset):
+    """Image files decoded on demand (in DataLoader workers), with timm's training transform when
+    ``augment`` is set and its evaluation transform (resize, centre crop) otherwise.
+
+    An index may come as ``(i, seed)`` from :class:`compress.evaluate.SeededBatchSampler`: the sample's
+    random augmentation then depends on that seed only, not on which worker decodes it or what it
+    decoded before, so an epoch is the same with any number of workers and after a resume."""
+
+    seeded = True
+
+    def __init__(self, samples: list[tuple[str, int]], train_tf, eval_tf, augment: bool = False, workers: int = 0):
+        self.samples, self.train_tf, self.eval_tf, self.augment = samples, train_tf, eval_tf, augment
+        self.workers = workers
+        self.labels = torch.tensor([c for _, c in samples], dtype=torch.long)
+
+    @property
+    def files(self) -> list[str]:
+        return [f for f, _ in self.samples]
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        x = (x - self.mean) / self.std
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[i]
+        image = open_rgb(path)
         if self.augment:
-            x = random_shift(x, self.pad)
-        return x, self.labels[i]
+            if seed is not None:
+                seed_sample(seed)
+            return self.train_tf(image), self.labels[i]
+        return self.eval_tf(image), self.labels[i]
 
 
 def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
@@ -108,6 +211,9 @@ class DataBundle:
     std: tuple[float, float, float]
     image_size: int
     in_chans: int = 3
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    skipped_images: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -122,7 +228,10 @@ class DataBundle:
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+            "skipped_images": len(self.skipped_images),
         }
 
 
@@ -143,11 +252,16 @@ def _to_size(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def _normalized_bundle(name, x_tr, y_tr, x_va, y_va, x_te, y_te, classes, cfg: DataConfig) -> DataBundle:
-    """x_* are float (N, 3, H, W) in [0, 1]; statistics come from the training split only."""
-    x_tr, x_va, x_te = (_to_size(x, cfg.image_size) for x in (x_tr, x_va, x_te))
-    mean = x_tr.mean(dim=(0, 2, 3))
-    std = x_tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
+def _normalized_bundle(name, x_tr, y_tr, x_va, y_va, x_te, y_te, classes, cfg: DataConfig,
+                       defaults: dict | None = None) -> DataBundle:
+    """x_* are float (N, 3, H, W) in [0, 1]; statistics come from the training split only unless the
+    recipe or a pretrained model fixes them."""
+    defaults = defaults or {}
+    size = cfg.image_size or defaults.get("input_size") or 32
+    x_tr, x_va, x_te = (_to_size(x, size) for x in (x_tr, x_va, x_te))
+    mean_fixed, std_fixed = cfg.mean or defaults.get("mean"), cfg.std or defaults.get("std")
+    mean = torch.tensor(mean_fixed) if mean_fixed else x_tr.mean(dim=(0, 2, 3))
+    std = torch.tensor(std_fixed) if std_fixed else x_tr.std(dim=(0, 2, 3)).clamp_min(1e-6)
 
     def norm(x):
         return ((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).contiguous()
@@ -160,11 +274,11 @@ def _normalized_bundle(name, x_tr, y_tr, x_va, y_va, x_te, y_te, classes, cfg: D
         class_names=classes,
         mean=tuple(round(float(m), 6) for m in mean),
         std=tuple(round(float(s), 6) for s in std),
-        image_size=cfg.image_size,
+        image_size=size,
     )
 
 
-def load_digits_bundle(cfg: DataConfig) -> DataBundle:
+def load_digits_bundle(cfg: DataConfig, defaults: dict | None = None) -> DataBundle:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -173,7 +287,7 @@ def load_digits_bundle(cfg: DataConfig) -> DataBundle:
     tr, va, te = stratified_split(d.target, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     classes = [str(c) for c in d.target_names]
     return _normalized_bundle(
-        "digits", images[tr], labels[tr], images[va], labels[va], images[te], labels[te], classes, cfg
+        "digits", images[tr], labels[tr], images[va], labels[va], images[te], labels[te], classes, cfg, defaults
     )
 
 
@@ -209,7 +323,7 @@ def _read_cifar_files(folder: Path, files: list[str], label_key: str) -> tuple[t
     return x, torch.tensor(ys, dtype=torch.long)
 
 
-def load_cifar_bundle(cfg: DataConfig) -> DataBundle:
+def load_cifar_bundle(cfg: DataConfig, defaults: dict | None = None) -> DataBundle:
     spec = _CIFAR[cfg.dataset]
     root = Path(cfg.root)
     folder = root / spec["folder"]
@@ -234,7 +348,7 @@ def load_cifar_bundle(cfg: DataConfig) -> DataBundle:
     tr, va = train_test_split(idx, test_size=cfg.val_fraction, stratify=y_all.numpy(), random_state=cfg.split_seed)
     tr, va = np.sort(tr), np.sort(va)
     return _normalized_bundle(
-        cfg.dataset, x_all[tr], y_all[tr], x_all[va], y_all[va], x_te, y_te, classes, cfg
+        cfg.dataset, x_all[tr], y_all[tr], x_all[va], y_all[va], x_te, y_te, classes, cfg, defaults
     )
 
 
@@ -248,64 +362,151 @@ def _download_cifar(name: str, root: Path) -> None:
         raise CompressError(f"could not download {name} to {root} ({type(e).__name__}); check the network") from None
 
 
-def _class_folders(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _scan(path: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(file, class index) for every image under ``path/<class>/``, through torchvision's folder utilities."""
+    from torchvision.datasets.folder import make_dataset
+
+    exts = tuple(IMAGE_SUFFIXES | {e.upper() for e in IMAGE_SUFFIXES})
+    present = {c: i for i, c in enumerate(classes) if (path / c).is_dir()}
+    if not present:
+        return []
+    return sorted(make_dataset(str(path), present, extensions=exts, allow_empty=True))
 
 
-def _scan(path: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        folder = path / c
-        if not folder.is_dir():
+def _typical_size(samples: list[tuple[str, int]], limit: int = 256) -> int:
+    """The median shorter side of (up to ``limit``) training images, rounded to a multiple of 8 and
+    kept within 32-224: the input size when neither the recipe nor a pretrained model sets one."""
+    from PIL import Image
+
+    step = max(1, len(samples) // limit)
+    sides = []
+    for f, _ in samples[::step]:
+        try:
+            with Image.open(f) as im:
+                sides.append(min(im.size))
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the scan
             continue
-        for f in sorted(folder.rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                files.append(f)
-                labels.append(label)
-    return files, labels
+    if not sides:
+        return 224
+    return int(min(224, max(32, round(float(np.median(sides)) / 8) * 8)))
 
 
-def load_imagefolder_bundle(cfg: DataConfig) -> DataBundle:
+def _check_one(path: str) -> str | None:
+    try:
+        open_rgb(path)
+        return None
+    except Exception as e:  # noqa: BLE001 - every way an image can fail to decode is reported the same way
+        return type(e).__name__
+
+
+def scan_images(files: list[str], cache: Path | None = None, threads: int = 4) -> dict[str, str]:
+    """Decode every image once; returns {file: reason} for those that cannot be read. The answer is
+    kept in ``cache`` under a key made of every file's path, size and modification time."""
+    import hashlib
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    stats = []
+    for f in files:
+        try:
+            st = os.stat(f)
+            stats.append(f"{f}\t{st.st_size}\t{st.st_mtime_ns}")
+        except OSError:
+            stats.append(f"{f}\t-")
+    key = hashlib.sha256("\n".join(stats).encode()).hexdigest()[:24]
+    record = cache / f"{key}.json" if cache is not None else None
+    if record is not None and record.is_file():
+        try:
+            return dict(json.loads(record.read_text()))
+        except ValueError:
+            pass
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        reasons = list(pool.map(_check_one, files, chunksize=32))
+    bad = {f: r for f, r in zip(files, reasons) if r is not None}
+    if record is not None:
+        from compress.fsio import write_json
+
+        try:
+            write_json(record, bad)
+        except OSError:
+            pass
+    return bad
+
+
+def image_transforms(cfg: DataConfig, size: int, mean, std, interpolation: str, crop_pct: float):
+    """(training transform, evaluation transform), both from timm's ``create_transform``."""
+    from timm.data import create_transform
+
+    eval_tf = create_transform(size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+                               crop_pct=crop_pct)
+    if not cfg.augment:
+        return eval_tf, eval_tf
+    train_tf = create_transform(
+        size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, vflip=cfg.vflip,
+        color_jitter=cfg.color_jitter, auto_augment=POLICIES.get(cfg.auto_augment, cfg.auto_augment) if cfg.auto_augment else None,
+        interpolation=interpolation, mean=mean, std=std, re_prob=cfg.re_prob)
+    return train_tf, eval_tf
+
+
+def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_cache: Path | None = None) -> DataBundle:
+    from torchvision.datasets.folder import find_classes
+
+    defaults = defaults or {}
     root = Path(cfg.dataset.split(":", 1)[1]).expanduser()
     if not root.is_dir():
         raise CompressError(f"image folder not found: {root}")
     has_splits = (root / "train").is_dir()
     base = root / "train" if has_splits else root
-    classes = [p.name for p in _class_folders(base)]
+    try:
+        classes, _ = find_classes(str(base))
+    except (FileNotFoundError, OSError):
+        classes = []
+    classes = [c for c in classes if not c.startswith(".")]
     if len(classes) < 2:
         raise CompressError(f"image folder {base} needs at least two class folders, found {len(classes)}")
-    files, labels = _scan(base, classes)
-    if not files:
+    samples = _scan(base, classes)
+    if not samples:
         raise CompressError(f"image folder {base} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    split: dict[str, tuple[list[Path], list[int]]] = {}
-    named = {s: root / s for s in ("val", "test") if has_splits and (root / s).is_dir()}
-    for s, p in named.items():
-        split[s] = _scan(p, classes)
+    named = {s: _scan(root / s, classes) for s in ("val", "test") if has_splits and (root / s).is_dir()}
+    every = samples + [x for part in named.values() for x in part]
+    bad = scan_images([f for f, _ in every], scan_cache, threads=max(2, cfg.num_workers()))
+    if bad:
+        first = sorted(bad)[0]
+        if not cfg.skip_bad_images:
+            raise CompressError(f"image folder {root}: {len(bad)} unreadable image(s), first {first} "
+                                f"({bad[first]}); remove them or set data.skip_bad_images: true")
+        samples = [x for x in samples if x[0] not in bad]
+        named = {k: [x for x in v if x[0] not in bad] for k, v in named.items()}
+    split = dict(named)
     missing = [s for s in ("val", "test") if s not in split]
     if missing:
-        lab = np.asarray(labels)
+        lab = np.asarray([c for _, c in samples])
         fractions = {"val": cfg.val_fraction if "val" in missing else 0.0,
                      "test": cfg.test_fraction if "test" in missing else 0.0}
         idx_tr, idx_va, idx_te = _split_some(lab, fractions, cfg.split_seed)
-        pick = lambda idx: ([files[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
-        if "val" in missing:
-            split["val"] = pick(idx_va)
-        if "test" in missing:
-            split["test"] = pick(idx_te)
-        files, labels = pick(idx_tr)
-
-    def ds(fl, aug=False):
-        return FileImageDataset(fl[0], fl[1], cfg.image_size, IMAGENET_MEAN, IMAGENET_STD, augment=aug)
-
+        for s_name, idx in (("val", idx_va), ("test", idx_te)):
+            if s_name in missing:
+                split[s_name] = [samples[i] for i in idx]
+        samples = [samples[i] for i in idx_tr]
+    size = cfg.image_size or defaults.get("input_size") or _typical_size(samples)
+    mean = tuple(cfg.mean or defaults.get("mean") or IMAGENET_MEAN)
+    std = tuple(cfg.std or defaults.get("std") or IMAGENET_STD)
+    interpolation = cfg.interpolation or defaults.get("interpolation") or "bilinear"
+    crop_pct = cfg.crop_pct or defaults.get("crop_pct") or DEFAULT_CROP_PCT
+    train_tf, eval_tf = image_transforms(cfg, size, mean, std, interpolation, crop_pct)
+    workers = cfg.num_workers()
     return DataBundle(
         name=cfg.dataset,
-        train=ds((files, labels), cfg.augment),
-        val=ds(split["val"]),
-        test=ds(split["test"]),
+        train=FolderDataset(samples, train_tf, eval_tf, augment=cfg.augment, workers=workers),
+        val=FolderDataset(split["val"], train_tf, eval_tf, workers=workers),
+        test=FolderDataset(split["test"], train_tf, eval_tf, workers=workers),
         class_names=classes,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        image_size=cfg.image_size,
+        mean=mean,
+        std=std,
+        image_size=size,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        skipped_images=sorted(bad),
     )
 
 
@@ -328,22 +529,31 @@ def _split_some(labels: np.ndarray, fractions: dict[str, float], seed: int):
     return sorted(tr), sorted(va), sorted(te)
 
 
-def load_data(cfg: DataConfig) -> DataBundle:
+def load_data(cfg: DataConfig, defaults: dict | None = None, scan_cache: Path | None = None) -> DataBundle:
+    """The recipe's dataset, split and transformed. ``defaults``: input settings of a pretrained model
+    (``mean``, ``std``, ``input_size``, ``interpolation``, ``crop_pct``) for what the recipe leaves unset;
+    ``scan_cache``: where the unreadable-image scan keeps its answers."""
     if cfg.dataset == "digits":
-        bundle = load_digits_bundle(cfg)
+        bundle = load_digits_bundle(cfg, defaults)
     elif cfg.dataset in _CIFAR:
-        bundle = load_cifar_bundle(cfg)
+        bundle = load_cifar_bundle(cfg, defaults)
     else:
-        bundle = load_imagefolder_bundle(cfg)
+        bundle = load_imagefolder_bundle(cfg, defaults, scan_cache)
     for part in ("train", "val", "test"):
         if len(getattr(bundle, part)) == 0:
             raise CompressError(f"dataset {cfg.dataset}: the {part} split is empty; add images or change the fractions")
     return bundle
 
 
-def data_identity(cfg: DataConfig) -> dict:
-    """What the data looks like, for stage fingerprints (where it is stored does not matter)."""
-    ident = cfg.model_dump(exclude={"download", "root"})
+def data_identity(cfg: DataConfig, resolved: DataBundle | None = None) -> dict:
+    """What the data looks like, for stage fingerprints (where it is stored, how many processes decode
+    it and the scan's cache do not matter). ``resolved``: the loaded bundle, whose input settings may
+    come from a pretrained model."""
+    ident = cfg.model_dump(mode="json", exclude={"download", "root", "workers"})
+    if resolved is not None:
+        ident["resolved"] = {"image_size": resolved.image_size, "mean": list(resolved.mean),
+                             "std": list(resolved.std), "interpolation": resolved.interpolation,
+                             "crop_pct": resolved.crop_pct, "skipped": len(resolved.skipped_images)}
     if cfg.dataset.startswith("imagefolder:"):
         root = Path(cfg.dataset.split(":", 1)[1]).expanduser()
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []

@@ -8,15 +8,80 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from compress.errors import CompressError, short
 from compress.metrics import accuracy
 
 
+def _base(ds: Dataset) -> Dataset:
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
+
+
+def decode_workers(ds: Dataset) -> int:
+    """Worker processes for a dataset that decodes files (its ``workers``); in-memory data needs none."""
+    return int(getattr(_base(ds), "workers", 0) or 0)
+
+
 def loader(ds: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     drop_last = shuffle and len(ds) > batch_size  # a lone 1-image batch breaks BatchNorm
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, num_workers=0)
+    workers = decode_workers(ds)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
+                      num_workers=workers if len(ds) > batch_size else 0)
+
+
+class SeededBatchSampler(Sampler):
+    """Shuffled batches of ``(index, seed)`` pairs: the order and every sample's seed are functions of
+    the epoch seed alone (set with :meth:`set_seed` before each epoch), so an epoch is reproducible
+    with persistent workers, with any number of them, and after a resume."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, 0
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
+        for start in range(0, self.n, self.batch_size):
+            batch = order[start : start + self.batch_size]
+            if len(batch) < self.batch_size and self.drop_last:
+                return
+            yield [(i, seeds[i]) for i in batch]
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+class TrainLoader:
+    """The training batches of every epoch, from one DataLoader whose workers live as long as the
+    training (persistent); ``epoch(seed)`` gives that epoch's batches. Datasets that decode files
+    (``seeded``) draw per-sample seeds from :class:`SeededBatchSampler`; in-memory ones are shuffled by
+    a generator seeded per epoch in the training process."""
+
+    def __init__(self, ds: Dataset, batch_size: int, pin_memory: bool = False):
+        self.ds, self.batch_size = ds, batch_size
+        self.seeded = bool(getattr(_base(ds), "seeded", False)) and not isinstance(ds, Subset)
+        drop_last = len(ds) > batch_size
+        if self.seeded:
+            workers = decode_workers(ds)
+            self.sampler = SeededBatchSampler(len(ds), batch_size, drop_last)
+            self.loader = DataLoader(ds, batch_sampler=self.sampler, num_workers=workers,
+                                     persistent_workers=workers > 0, pin_memory=pin_memory)
+
+    def epoch(self, seed: int) -> DataLoader:
+        if self.seeded:
+            self.sampler.set_seed(seed)
+            return self.loader
+        return loader(self.ds, self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def close(self) -> None:
+        """Let the persistent workers go (they end when their DataLoader is released)."""
+        self.loader = None
 
 
 @torch.no_grad()

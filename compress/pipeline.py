@@ -20,7 +20,6 @@ import torch
 from compress import __version__, stages
 from compress.config import PipelineConfig
 from compress.context import RunContext, StageResult
-from compress.data import data_identity
 from compress.fsio import read_json, replace_dir, sha256_json, write_json
 from compress.graph import FORMAT_VERSION
 from compress.errors import CompressError, short
@@ -36,7 +35,7 @@ def fingerprint(ctx: RunContext, stage: stages.Stage) -> str:
         "stage": stage.name,
         "format": FORMAT_VERSION,
         "config": stage.config(ctx) if stage.config else getattr(ctx.cfg, stage.name).model_dump(mode="json"),
-        "data": data_identity(ctx.cfg.data),
+        "data": ctx.data_identity(),
         "seed": ctx.cfg.seed,
         "upstream": _upstream(ctx, stage),
     }

@@ -131,6 +131,8 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
     lines.append(f"Dataset **{d['dataset']}** ({d['num_classes']} classes; train/val/test "
                  f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} images at "
                  f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
+    if d.get("skipped_images"):
+        lines.append(f"{d['skipped_images']} unreadable image(s) were left out (data.skip_bad_images).")
     if "distill" in ctx.results:
         m = ctx.results["distill"].metrics
         params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
@@ -234,6 +236,9 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
     body = [f"<p class='note'>Dataset <b>{H.esc(d['dataset'])}</b> ({d['num_classes']} classes; train/val/test "
             f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} at {d['image_size']}×{d['image_size']}). "
             "Accuracy is on the test split.</p>"]
+    if d.get("skipped_images"):
+        body.append(f"<p class='note'>{d['skipped_images']} unreadable image(s) were left out "
+                    "(data.skip_bad_images).</p>")
     if rows:
         head, table = main_table(ctx, rows)
         body += ["<h2>Teacher vs student</h2>", H.table(head, [[label, *cells] for label, cells in table])]

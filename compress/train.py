@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compress.errors import CompressError
-from compress.evaluate import loader, predict
+from compress.evaluate import TrainLoader, predict
 from compress.metrics import accuracy
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,27 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     warmup_epochs: int = Field(1, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    mixup: float = Field(0.0, ge=0.0, le=10.0, description="mixup Beta(α, α); 0 = off (timm's Mixup)")
+    cutmix: float = Field(0.0, ge=0.0, le=10.0, description="cutmix Beta(α, α); 0 = off")
+    mixup_prob: float = Field(1.0, ge=0.0, le=1.0, description="share of batches mixed")
+    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="with both on: share of cutmix")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+def batch_mixer(cfg: TrainConfig, num_classes: int):
+    """timm's Mixup for ``cfg`` (mixup and/or cutmix on whole batches), or None when both are off. It
+    returns soft targets (label smoothing included), which every objective's cross-entropy accepts."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def hard_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class indices of targets that may be soft (mixup)."""
+    return y.argmax(1) if y.is_floating_point() else y
 
 
 class Objective(nn.Module):
@@ -61,6 +81,9 @@ class Objective(nn.Module):
 
     def release(self) -> None:
         """Called when training ends: remove hooks put on the model."""
+
+    #: whether ``forward`` accepts soft targets (batch, classes), as mixup and cutmix produce
+    soft_targets: bool = True
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -155,6 +178,9 @@ def fit(
 def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, batch_size, desc, on_epoch_end,
          on_epoch_start) -> FitResult:
     optimizer = make_optimizer(nn.ModuleList([model, objective]), cfg)
+    mixer = batch_mixer(cfg, _num_classes(train_ds))
+    if mixer is not None and not objective.soft_targets:
+        raise CompressError(f"{desc}: this objective needs hard labels; set mixup and cutmix to 0")
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / CHECKPOINT
     result = FitResult()
@@ -173,10 +199,29 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
             log.info(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
     t0 = time.perf_counter()
     n_train = len(train_ds)
+    feed = TrainLoader(train_ds, batch_size, pin_memory=device.type == "cuda")
+    try:
+        _epochs(model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, result, start, seed,
+                desc, n_train, on_epoch_end, on_epoch_start)
+    finally:
+        feed.close()
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    objective.eval()
+    return result
+
+
+def _num_classes(ds: Dataset) -> int:
+    base = ds.dataset if hasattr(ds, "dataset") else ds
+    labels = getattr(base, "labels", None)
+    return int(labels.max()) + 1 if labels is not None and len(labels) else 1
+
+
+def _epochs(model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, result, start, seed, desc,
+            n_train, on_epoch_end, on_epoch_start) -> None:
     for epoch in range(start, cfg.epochs):
         seed_everything(_epoch_seed(seed, epoch))
-        gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-        batches = loader(train_ds, batch_size, shuffle=True, generator=gen)
+        batches = feed.epoch(_epoch_seed(seed, epoch))
         steps = len(batches)
         model.train()
         objective.train()
@@ -188,7 +233,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         for step, (x, y) in enumerate(bar):
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, epoch, step, steps)
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixer is not None and len(y) % 2 == 0:
+                x, y = mixer(x, y)
             loss, logits = objective(model, x, y)
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
@@ -196,7 +243,7 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
             loss.backward()
             optimizer.step()
             total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            correct += int((logits.argmax(1) == hard_labels(y)).sum())
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
@@ -212,10 +259,6 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
                                 "epoch": epoch + 1, "history": result.history})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
-    result.seconds = time.perf_counter() - t0
-    model.eval()
-    objective.eval()
-    return result
 
 
 def _progress(it, desc: str):

@@ -100,3 +100,124 @@ def test_imagefolder_errors(tmp_path):
     (tmp_path / "one" / "only").mkdir(parents=True)
     with pytest.raises(CompressError, match="at least two class folders"):
         load_data(DataConfig(dataset=f"imagefolder:{tmp_path / 'one'}"))
+
+
+def _image_modes(folder):
+    """One image per unusual mode PIL writes: grayscale, palette with transparency, 16-bit, CMYK, RGBA."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb.convert("L").save(folder / "gray.png")
+    pal = rgb.convert("P")
+    pal.info["transparency"] = 0
+    pal.save(folder / "palette.png", transparency=0)
+    Image.fromarray((rng.integers(0, 65536, (20, 24))).astype(np.uint16)).save(folder / "sixteen.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("RGBA").save(folder / "alpha.png")
+    rgb.save(folder / "photo.jpg")
+
+
+def test_every_image_mode_opens_as_rgb(tmp_path):
+    from compress.data import open_rgb
+
+    _image_modes(tmp_path)
+    for f in sorted(tmp_path.iterdir()):
+        im = open_rgb(f)
+        assert im.mode == "RGB" and im.size == (24, 20), f.name
+    sixteen = np.asarray(open_rgb(tmp_path / "sixteen.png"))
+    assert 40 < sixteen.mean() < 215  # scaled from 16 bits, not clipped to white
+
+
+def _folder_with_modes(root):
+    for c in ("a", "b"):
+        _image_modes(root / c)
+
+
+def test_folder_pipeline_transforms_size_from_data_and_seeded_samples(tmp_path):
+    _folder_with_modes(tmp_path / "imgs")
+    d = load_data(DataConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", val_fraction=0.2, test_fraction=0.2,
+                             workers=0))
+    assert d.image_size == 32  # the images' shorter side (20) rounded, kept >= 32
+    assert d.crop_pct == 0.875 and d.interpolation == "bilinear" and d.describe()["skipped_images"] == 0
+    x1, _ = d.train[(0, 123)]
+    x2, _ = d.train[(0, 123)]
+    x3, _ = d.train[(0, 124)]
+    assert x1.shape == (3, 32, 32) and torch.equal(x1, x2) and not torch.equal(x1, x3)
+    assert torch.equal(d.test[0][0], d.test[0][0])  # evaluation: resize and centre crop, no randomness
+
+
+def test_training_batches_are_the_same_with_or_without_workers(tmp_path):
+    from compress.evaluate import TrainLoader
+
+    _write_pngs(tmp_path / "imgs", per_class=8, size=24)
+    cfg = DataConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", image_size=16, workers=2,
+                     val_fraction=0.1, test_fraction=0.1)
+    train = load_data(cfg).train
+    feed = TrainLoader(train, 4)
+    try:
+        two = [[(x.clone(), y.clone()) for x, y in feed.epoch(s)] for s in (7, 8, 7)]
+    finally:
+        feed.close()
+    train.workers = 0
+    none = [(x, y) for x, y in TrainLoader(train, 4).epoch(7)]
+    same = lambda a, b: all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))  # noqa: E731
+    assert same(two[0], two[2]) and same(two[0], none) and not same(two[0], two[1])
+
+
+def test_unreadable_images_refused_or_skipped(tmp_path):
+    root = tmp_path / "imgs"
+    _write_pngs(root, per_class=6, size=12)
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    cfg = DataConfig(dataset=f"imagefolder:{root}", image_size=16, workers=0)
+    with pytest.raises(CompressError, match=r"2 unreadable image\(s\), first .*empty.jpg.*skip_bad_images"):
+        load_data(cfg)
+    d = load_data(cfg.model_copy(update={"skip_bad_images": True}), scan_cache=tmp_path / "scans")
+    assert d.describe()["skipped_images"] == 2 and len(d.train) + len(d.val) + len(d.test) == 18
+    assert len(list((tmp_path / "scans").iterdir())) == 1  # the scan's answer is kept for the next run
+
+
+def test_augmentation_policy_names_are_checked():
+    assert DataConfig(auto_augment="trivialaugment").auto_augment == "trivialaugment"
+    assert DataConfig(auto_augment="rand-m7-mstd0.5").auto_augment
+    with pytest.raises(ValueError, match="unknown augmentation policy"):
+        DataConfig(auto_augment="sharpen-everything")
+
+
+@pytest.mark.e2e
+def test_a_corrupt_image_stops_the_run_before_anything_is_written(tmp_path):
+    from conftest import run_cli, write_tiny_recipe
+
+    root = tmp_path / "imgs"
+    _write_pngs(root, per_class=6, size=12)
+    (root / "owl" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # truncated
+    recipe = write_tiny_recipe(tmp_path, data={"dataset": f"imagefolder:{root}", "workers": 0})
+    r = run_cli("pipeline", recipe, "--artifacts", tmp_path / "art")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "1 unreadable image(s), first" in lines[0] and "3.png" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    run_dir = tmp_path / "art" / "tiny"
+    assert not run_dir.exists() or not any(p.name in ("teacher", "distill") for p in run_dir.iterdir())
+
+
+def test_pretrained_input_settings_fill_what_the_recipe_leaves_unset(tmp_path):
+    from compress.config import validate_recipe
+    from compress.context import input_defaults
+
+    _write_pngs(tmp_path / "imgs", per_class=6, size=20)
+    ds = f"imagefolder:{tmp_path / 'imgs'}"
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")  # only its presence is checked here; input settings come from the model's config
+    cfg = validate_recipe({"name": "p", "data": {"dataset": ds}, "distill": {"student": "mobilenetv2_050",
+                                                                             "pretrained": str(weights)}})
+    defaults = input_defaults(cfg)
+    assert defaults["input_size"] == 224 and defaults["interpolation"] == "bicubic"
+    d = load_data(cfg.data, defaults=defaults)
+    assert (d.image_size, d.interpolation, d.crop_pct) == (224, "bicubic", defaults["crop_pct"])
+    assert d.train[(0, 1)][0].shape == (3, 224, 224)
+    own = load_data(cfg.data.model_copy(update={"image_size": 48, "interpolation": "bilinear"}), defaults=defaults)
+    assert (own.image_size, own.interpolation) == (48, "bilinear")  # the recipe wins
+    assert input_defaults(validate_recipe({"name": "q", "data": {"dataset": ds}})) is None

@@ -237,3 +237,41 @@ def test_registry_and_bad_values():
         HintonKD(temperature=0.0)
     with pytest.raises(CompressError, match="needs a teacher"):
         build_method("kd").bind(Fixed(S), [], image_size=4)
+
+
+def _zscore(row):
+    m = sum(row) / len(row)
+    sd = math.sqrt(sum((v - m) ** 2 for v in row) / (len(row) - 1))
+    return [(v - m) / sd for v in row]
+
+
+def test_consistent_teaching_is_the_distillation_term_alone_by_hand():
+    expected = _kd_by_hand(S, T1, Y, 1.0, 2.0)
+    got = _objective_loss("consistent", Fixed(S), [Fixed(T1)], alpha=0.3, temperature=2.0)
+    assert got == pytest.approx(expected, rel=1e-6)  # alpha is not used: no label term
+    soft = torch.tensor([[0.0, 0.6, 0.4], [0.5, 0.0, 0.5]])  # mixup's targets do not enter either
+    obj = build_method("consistent", temperature=2.0).bind(Fixed(S), [Fixed(T1)], image_size=4)
+    assert obj(Fixed(S), X, soft)[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_logit_standardization_by_hand():
+    s_std, t_std = [_zscore(r) for r in S], [_zscore(r) for r in T1]
+    expected = _kd_by_hand(s_std, t_std, Y, 1.0, 2.0)
+    got = _objective_loss("consistent", Fixed(S), [Fixed(T1)], temperature=2.0, params={"standardize": True})
+    assert got == pytest.approx(expected, rel=1e-4)
+    ce = sum(_ce(S[i], Y[i]) for i in range(2)) / 2
+    kd = _objective_loss("kd", Fixed(S), [Fixed(T1)], alpha=0.5, temperature=2.0, params={"standardize": True})
+    assert kd == pytest.approx(0.5 * ce + 0.5 * expected, rel=1e-4)
+    # the standardized loss ignores the teacher's scale and shift
+    scaled = [[3 * v + 1 for v in r] for r in T1]
+    again = _objective_loss("consistent", Fixed(S), [Fixed(scaled)], temperature=2.0, params={"standardize": True})
+    assert again == pytest.approx(expected, rel=1e-4)
+
+
+def test_soft_targets_cross_entropy_and_methods_that_need_hard_labels():
+    soft = torch.tensor([[0.0, 0.7, 0.3], [0.2, 0.0, 0.8]])
+    expected = sum(-sum(p * math.log(q) for p, q in zip(soft[i].tolist(), _softmax(S[i]))) for i in range(2)) / 2
+    obj = build_method("scratch", label_smoothing=0.1).bind(Fixed(S), [], image_size=4)
+    assert obj(Fixed(S), X, soft)[0].item() == pytest.approx(expected, rel=1e-6)  # smoothing is mixup's job then
+    assert build_method("kd").soft_targets and not build_method("dkd").soft_targets
+    assert not build_method("cs_kd").soft_targets

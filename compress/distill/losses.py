@@ -20,24 +20,49 @@ def soft_kl(target_probs: torch.Tensor, s: torch.Tensor, temperature: float) -> 
     return (target_probs * (p.log() - log_q)).sum(1).mean()
 
 
-def kd_loss(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, alpha: float, temperature: float,
-            label_smoothing: float = 0.0) -> torch.Tensor:
-    """Equation (1) of the review: (1 − α)·CE(y, s) + α·T²·KL(σ(t/T) ‖ σ(s/T))."""
-    ce = F.cross_entropy(s, y, label_smoothing=label_smoothing)
-    if alpha == 0:
-        return ce
+def ce(s: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy against class indices, or against soft targets (batch, classes) such as mixup's,
+    which already carry their label smoothing."""
+    if y.is_floating_point():
+        return F.cross_entropy(s, y)
+    return F.cross_entropy(s, y, label_smoothing=label_smoothing)
+
+
+def standardize(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): z-score each sample's logits, (z − mean(z)) /
+    std(z), so the student matches the shape of the teacher's logits rather than their scale."""
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + eps)
+
+
+def kd_term(s: torch.Tensor, t: torch.Tensor, temperature: float, standardized: bool = False) -> torch.Tensor:
+    """T²·KL(σ(t/T) ‖ σ(s/T)), on standardized logits when asked."""
+    if standardized:
+        s, t = standardize(s), standardize(t)
     kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.log_softmax(t / temperature, dim=1),
                   log_target=True, reduction="batchmean")
-    return (1.0 - alpha) * ce + alpha * temperature * temperature * kl
+    return temperature * temperature * kl
+
+
+def kd_loss(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, alpha: float, temperature: float,
+            label_smoothing: float = 0.0, standardized: bool = False) -> torch.Tensor:
+    """Equation (1) of the review: (1 − α)·CE(y, s) + α·T²·KL(σ(t/T) ‖ σ(s/T))."""
+    if alpha == 0:
+        return ce(s, y, label_smoothing)
+    kd = kd_term(s, t, temperature, standardized)
+    if alpha == 1:
+        return kd
+    return (1.0 - alpha) * ce(s, y, label_smoothing) + alpha * kd
 
 
 def multi_teacher_kd_loss(s: torch.Tensor, y: torch.Tensor, teachers: list[torch.Tensor], weights: list[float],
-                          alpha: float, temperature: float) -> torch.Tensor:
+                          alpha: float, temperature: float, standardized: bool = False) -> torch.Tensor:
     """You et al. 2017: the soft targets of K teachers averaged with weights w_k (Σ w_k = 1),
     then equation (1): (1 − α)·CE + α·T²·KL(Σ_k w_k σ(t_k/T) ‖ σ(s/T))."""
+    if standardized:
+        teachers = [standardize(t) for t in teachers]
     p = sum(w * F.softmax(t / temperature, dim=1) for w, t in zip(weights, teachers))
-    ce = F.cross_entropy(s, y)
-    return (1.0 - alpha) * ce + alpha * temperature * temperature * soft_kl(p, s, temperature)
+    s_kd = standardize(s) if standardized else s
+    return (1.0 - alpha) * ce(s, y) + alpha * temperature * temperature * soft_kl(p, s_kd, temperature)
 
 
 def dkd_terms(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,8 +203,10 @@ class HintonKD(DistillLoss):
     of the hard-label ones. α = 0 is plain cross-entropy (the from-scratch baseline) and needs no
     teacher."""
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, label_smoothing: float = 0.0):
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, label_smoothing: float = 0.0,
+                 standardized: bool = False):
         super().__init__()
+        self.standardized = standardized
         if not 0.0 <= alpha <= 1.0:
             raise CompressError(f"kd: alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
@@ -194,4 +221,5 @@ class HintonKD(DistillLoss):
                 teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         if self.alpha > 0 and teacher_logits is None:
             raise ValueError("kd with alpha > 0 needs teacher logits")
-        return kd_loss(student_logits, targets, teacher_logits, self.alpha, self.temperature, self.label_smoothing)
+        return kd_loss(student_logits, targets, teacher_logits, self.alpha, self.temperature, self.label_smoothing,
+                       self.standardized)

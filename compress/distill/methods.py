@@ -149,7 +149,12 @@ class Scratch(Objective):
 
     def forward(self, student, x, y):
         s = student(x)
-        return F.cross_entropy(s, y, label_smoothing=self.label_smoothing), s
+        return L.ce(s, y, self.label_smoothing), s
+
+
+class LogitParams(Params):
+    standardize: bool = Field(False, description="logit standardization: z-score the logits of teacher and "
+                                                 "student before the softmax (Sun et al., CVPR 2024)")
 
 
 @register
@@ -160,13 +165,32 @@ class KD(Objective):
     Knowledge in a Neural Network", 2015. α and T are ``distill.alpha`` and ``distill.temperature``."""
 
     name = "kd"
+    Params = LogitParams
 
     def forward(self, student, x, y):
         s = student(x)
-        return L.kd_loss(s, y, self.teacher_logits(x), self.alpha, self.temperature, self.label_smoothing), s
+        return L.kd_loss(s, y, self.teacher_logits(x), self.alpha, self.temperature, self.label_smoothing,
+                         self.p.standardize), s
 
 
-class DKDParams(Params):
+@register
+class Consistent(Objective):
+    """Consistent teaching: teacher and student see the very same augmented, mixed view; distillation loss only (Beyer et al., CVPR 2022).
+
+    L = T²·KL(σ(t/T) ‖ σ(s/T)) on each training batch as the student sees it (random-resized crops,
+    flips, mixup/cutmix from the stage's ``mixup``/``cutmix``), no label term: the student matches the
+    teacher's function on points between and around the images, which pays off with a long schedule
+    ("A good teacher is patient and consistent"). ``distill.alpha`` is not used."""
+
+    name = "consistent"
+    Params = LogitParams
+
+    def forward(self, student, x, y):
+        s = student(x)
+        return L.kd_term(s, self.teacher_logits(x), self.temperature, self.p.standardize), s
+
+
+class DKDParams(LogitParams):
     alpha: float = Field(1.0, ge=0.0, le=100.0, description="weight of the target-class term TCKD")
     beta: float = Field(8.0, ge=0.0, le=100.0, description="weight of the non-target-class term NCKD")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
@@ -185,15 +209,18 @@ class DKD(Objective):
 
     name = "dkd"
     Params = DKDParams
+    soft_targets = False
 
     def forward(self, student, x, y):
         s = student(x)
-        tckd, nckd = L.dkd_terms(s, y, self.teacher_logits(x), self.p.temperature)
+        t = self.teacher_logits(x)
+        s_kd, t_kd = (L.standardize(s), L.standardize(t)) if self.p.standardize else (s, t)
+        tckd, nckd = L.dkd_terms(s_kd, y, t_kd, self.p.temperature)
         kd = self.p.temperature ** 2 * (self.p.alpha * tckd + self.p.beta * nckd)
         return F.cross_entropy(s, y) + self.ramp * kd, s
 
 
-class MultiTeacherParams(Params):
+class MultiTeacherParams(LogitParams):
     teachers: list[str] = Field(["resnet34"], min_length=1,
                                 description="teachers besides the pipeline's teacher (trained and cached like it)")
     weights: list[float] | None = Field(None, description="one weight per teacher, the pipeline's first; default equal")
@@ -232,10 +259,10 @@ class MultiTeacher(Objective):
     def forward(self, student, x, y):
         s = student(x)
         ts = [self.teacher_logits(x, i) for i in range(len(self._teachers))]
-        return L.multi_teacher_kd_loss(s, y, ts, self.weights(), self.alpha, self.temperature), s
+        return L.multi_teacher_kd_loss(s, y, ts, self.weights(), self.alpha, self.temperature, self.p.standardize), s
 
 
-class TAParams(Params):
+class TAParams(LogitParams):
     assistant: str = Field("mobilenetv2_100", description="any registry model, between teacher and student in size")
 
     _name = field_validator("assistant")(lambda cls, v: _model_name(v))
@@ -254,7 +281,8 @@ class TeacherAssistant(Objective):
 
     def forward(self, student, x, y):
         s = student(x)
-        return L.kd_loss(s, y, self.teacher_logits(x), self.alpha, self.temperature, self.label_smoothing), s
+        return L.kd_loss(s, y, self.teacher_logits(x), self.alpha, self.temperature, self.label_smoothing,
+                         self.p.standardize), s
 
 
 # -- intermediate-feature knowledge --------------------------------------------------------------
@@ -468,6 +496,7 @@ class CSKD(Objective):
     name = "cs_kd"
     teachers = "none"
     Params = CSKDParams
+    soft_targets = False
 
     def setup(self, student, *, train_ds=None, **_):
         if train_ds is None:

@@ -97,6 +97,9 @@ def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float) -> di
         else "NCHW float32; digits' 0..16 gray levels scaled to 0..1, copied to 3 channels, then (x - mean) / std",
         "compress.mean": list(data.mean),
         "compress.std": list(data.std),
+        "compress.resize": {"interpolation": data.interpolation, "crop_pct": data.crop_pct,
+                            "note": "resize the shorter side to input/crop_pct, then centre-crop the input size"}
+        if data.name.startswith("imagefolder:") else {"interpolation": data.interpolation},
         "compress.class_names": data.class_names,
         "compress.model": distill["teacher"] if artifact.stage == "teacher" else distill["model"],
         "compress.pruned": A.architecture_stage(artifact, ctx.cfg.stages) == "prune",

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from compress.context import RunContext
-from compress.data import data_identity
 from compress.distill import HintonKD, logit_objective
 from compress.errors import CompressError
 from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, sha256_json, write_json
@@ -78,7 +77,7 @@ def cache_key(ctx: RunContext, name: str) -> str:
         pretrained = f"sha256:{ident['pretrained_sha256']}"
     cfg = ctx.cfg.teacher.model_copy(update={"model": name, "checkpoint": None, "pretrained": pretrained})
     return sha256_json({"stage": "teacher", "format": FORMAT_VERSION, "config": cfg.model_dump(mode="json"),
-                        "data": data_identity(ctx.cfg.data), "seed": ctx.cfg.seed, "upstream": {}, "extra": {}})
+                        "data": ctx.data_identity(), "seed": ctx.cfg.seed, "upstream": {}, "extra": {}})
 
 
 def starting_weights(ctx: RunContext, name: str) -> bool | str:
