@@ -144,7 +144,9 @@ class QuantizeConfig(TrainConfig):
 
 class ExportConfig(_Strict):
     opset: int = Field(18, ge=17, le=23)
-    max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0)
+    max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0, description="FP32 parity: absolute part of the tolerance")
+    logit_rtol: float = Field(1e-5, ge=0.0, le=0.1, description="FP32 parity: relative part, times each image's "
+                              "largest |logit| (float32 error grows with the logits)")
     min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0)
     int8_min_argmax_agreement: float = Field(0.995, gt=0.0, le=1.0,
                                              description="INT8 ONNX against the PyTorch fake-quant model")

@@ -7,7 +7,7 @@ from compress.bench import latency
 from compress.data import DataConfig, load_data
 from compress.errors import CheckFailed, CompressError
 from compress.evaluate import ort_session
-from compress.export import export_onnx, parity, read_metadata
+from compress.export import export_onnx, logit_excess, parity, read_metadata
 from compress.models import create_model
 from conftest import EDGE_MODELS
 
@@ -43,6 +43,16 @@ def test_parity_failure_is_reported(data, tmp_path):
         model.classifier.bias.add_(1.0)  # the ONNX file no longer matches the model
     with pytest.raises(CheckFailed, match="parity failed"):
         parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0)
+
+
+def test_logit_tolerance_grows_with_each_images_largest_logit():
+    ref = np.array([[55.0, -3.0, 0.5], [0.2, -0.1, 0.05]], np.float32)
+    got = ref.copy()
+    got[0, 1] += 3e-4  # beside a logit of 55: within 1e-4 + 1e-5 * 55 = 6.5e-4
+    assert logit_excess(got, ref, atol=1e-4, rtol=1e-5) == pytest.approx(3e-4 / 6.5e-4, rel=1e-3)
+    assert logit_excess(got, ref, atol=1e-4, rtol=0.0) > 1.0  # the absolute limit alone refuses it
+    got[1, 2] += 3e-4  # the second image's logits are small: its limit stays near 1e-4
+    assert logit_excess(got, ref, atol=1e-4, rtol=1e-5) > 2.5
 
 
 def test_latency_measures_the_file_at_its_own_size(data, tmp_path):

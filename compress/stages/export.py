@@ -73,7 +73,7 @@ def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None,
     int8 files run every convolution as an int8 kernel and agree with the fake-quant model."""
     cfg, test = ctx.cfg.export, ctx.data.test
     if artifact.precision == "fp32":
-        p = parity(model, path, test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement)
+        p = parity(model, path, test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement, rtol=cfg.logit_rtol)
         return {"parity": p, "onnx_accuracy": p["onnx_accuracy"]}
     entry: dict = {"kernels": qat.kernel_report(path)}
     if entry["kernels"]["float_convolutions"]:
