@@ -28,8 +28,9 @@ def test_export_passes_checker_parity_and_has_dynamic_batch(name, data, tmp_path
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 16, 16]
     assert read_metadata(path)["compress.mean"] == "[0.1, 0.2, 0.3]"
-    report = parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0)
+    report = parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0, rtol=1e-5)
     assert report["images"] == 540 and report["argmax_agreement"] == 1.0
+    assert report["tolerance"] == {"atol": 1e-4, "rtol": 1e-5}
     sess = ort_session(path)
     out = sess.run(None, {"input": np.zeros((5, 3, 16, 16), np.float32)})[0]
     assert out.shape == (5, 10)
