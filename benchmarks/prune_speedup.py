@@ -1,7 +1,8 @@
 """Pruned against unpruned student: latency speedup ÷ MACs reduction, file size, measured in one run.
 
 Exports the distilled and the pruned student of a finished pipeline run at the same input size and
-times them with onnxruntime in alternating rounds (best p50 over the rounds counts).
+times them with ``compress.bench.latency`` (onnxruntime, each measurement in a fresh process pinned to
+as many cores as threads) in alternating rounds (best p50 over the rounds counts).
 
     .venv/bin/python benchmarks/prune_speedup.py artifacts/mobilenet            # 224x224, 1 thread
 
@@ -19,12 +20,15 @@ from pathlib import Path
 
 from compress.bench import latency
 from compress.errors import CompressError
-from compress.export import export_onnx
-from compress.metrics import count_macs, count_params
-from compress.models import load_checkpoint
 
 
 def measure(run_dir: Path, size: int, threads: int, runs: int, rounds: int) -> dict:
+    # torch and the models are imported here, not at the top: each latency() runs in a fresh "spawn"
+    # process, which imports this script as its main module, and needs none of them
+    from compress.export import export_onnx
+    from compress.metrics import count_macs, count_params
+    from compress.models import load_checkpoint
+
     models = {"unpruned": load_checkpoint(run_dir / "distill" / "model.safetensors")[0],
               "pruned": load_checkpoint(run_dir / "prune" / "model.safetensors")[0]}
     with tempfile.TemporaryDirectory() as tmp:

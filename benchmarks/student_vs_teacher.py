@@ -1,7 +1,8 @@
 """Student-vs-teacher speed and size as ratios measured in one run.
 
 Exports both checkpoints of a finished pipeline run at the requested input size, then times them with
-onnxruntime in alternating rounds (so drift on a shared machine hits both alike) and prints the ratios.
+``compress.bench.latency`` (onnxruntime, each measurement in a fresh process pinned to as many cores as
+threads) in alternating rounds (so drift on a shared machine hits both alike) and prints the ratios.
 
     .venv/bin/python benchmarks/student_vs_teacher.py artifacts/mobilenet --size 224 --threads 1
 """
@@ -16,12 +17,15 @@ from pathlib import Path
 
 from compress.bench import latency
 from compress.errors import CompressError
-from compress.export import export_onnx
-from compress.metrics import count_macs, count_params
-from compress.models import load_checkpoint
 
 
 def measure(run_dir: Path, size: int, threads: int, runs: int, rounds: int) -> dict:
+    # torch and the models are imported here, not at the top: each latency() runs in a fresh "spawn"
+    # process, which imports this script as its main module, and needs none of them
+    from compress.export import export_onnx
+    from compress.metrics import count_macs, count_params
+    from compress.models import load_checkpoint
+
     models = {role: load_checkpoint(run_dir / stage / "model.safetensors")
               for role, stage in (("teacher", "teacher"), ("student", "distill"))}
     with tempfile.TemporaryDirectory() as tmp:

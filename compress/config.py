@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compress.data import DataConfig
 from compress.distill.methods import METHODS, validate_params
+from compress.edge_formats import FORMATS as EDGE_FORMATS
 from compress.errors import CompressError, ConfigError
 from compress.graph import DEFAULT_STAGES, check_stages
 from compress.models import resolve_name
@@ -140,16 +141,45 @@ class QuantizeConfig(TrainConfig):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX with onnxruntime's quantize_static")
+    float_stem: bool = Field(True, description="keep the first convolution and its activation float: quantization "
+                             "starts after them (faster and more accurate with onnxruntime on CPU)")
 
 
 class ExportConfig(_Strict):
+    """The ONNX files and their gates; ``edge_formats``: what edge apps load, made from each student
+    file and checked against it (``ort``: onnxruntime's ORT format, bitwise identical logits, and
+    onnxruntime's mobile usability verdict; ``openvino``: OpenVINO IR, when the package is installed,
+    FP32 files agreeing with their ONNX file as often as ``min_argmax_agreement`` asks, INT8 files as
+    ``openvino_int8_min_argmax_agreement`` asks)."""
+
     opset: int = Field(18, ge=17, le=23)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0, description="FP32 parity: absolute part of the tolerance")
     logit_rtol: float = Field(1e-5, ge=0.0, le=0.1, description="FP32 parity: relative part, times each image's "
                               "largest |logit| (float32 error grows with the logits)")
-    min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0)
+    min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0, description="FP32 ONNX against PyTorch, and FP32 "
+                                        "OpenVINO IR against its ONNX file")
     int8_min_argmax_agreement: float = Field(0.995, gt=0.0, le=1.0,
                                              description="INT8 ONNX against the PyTorch fake-quant model")
+    openvino_int8_min_argmax_agreement: float = Field(
+        0.995, gt=0.0, le=1.0, description="INT8 OpenVINO IR against its ONNX file (OpenVINO's int8 arithmetic "
+        "differs from onnxruntime's, most after residual additions; small top-2 margins flip more often)")
+    edge_formats: list[str] = Field(list(EDGE_FORMATS), description="edge formats of the student files: "
+                                    + ", ".join(EDGE_FORMATS) + " ([] for ONNX only)")
+
+    @field_validator("edge_formats", mode="before")
+    @classmethod
+    def _one_format(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else [] if v is None else v
+
+    @field_validator("edge_formats")
+    @classmethod
+    def _edge_formats(cls, v: list[str]) -> list[str]:
+        for f in v:
+            if f not in EDGE_FORMATS:
+                raise ValueError(f"unknown edge format {f!r}; valid: {', '.join(EDGE_FORMATS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("each edge format may appear once")
+        return v
 
 
 class BenchConfig(_Strict):

@@ -1,27 +1,26 @@
 """Edge latency report: ONNX files × runtimes × threads × batch sizes × input sizes.
 
-Each cell runs in a fresh process pinned to the given CPU cores (standing in for a small edge CPU),
-so its memory figures are its own: the session's load time, p50/p90/p99 latency, throughput and
-peak resident memory. Runtimes: onnxruntime's CPU provider and, when the ``openvino`` package is
-installed, OpenVINO reading the same ONNX file; a runtime that is absent is reported as such."""
+Each cell is one :func:`compress.bench.measure`: a fresh process pinned to the given CPU cores
+(standing in for a small edge CPU), so its memory figures are its own: the session's load time,
+p50/p90/p99 latency, throughput and peak resident memory. Runtimes: onnxruntime's CPU provider and,
+when the ``openvino`` package is installed, OpenVINO reading the same ONNX file; a runtime that is
+absent is reported as such, and a cell whose measurement fails carries the one-line reason."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import multiprocessing as mp
 import os
 import platform
-import time
 from pathlib import Path
 
-import numpy as np
-
-from compress.errors import CompressError, short
+from compress import bench
+from compress.bench import RUNTIMES
+from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("onnxruntime", "openvino")
+CELL_TIMEOUT_S = 600.0
 
 
 def runtime_status(name: str) -> dict:
@@ -35,100 +34,6 @@ def runtime_status(name: str) -> dict:
         return {"available": False, "reason": f"{name} does not import: {e}"}
     version = getattr(mod, "__version__", None) or getattr(getattr(mod, "runtime", None), "get_version", lambda: "?")()
     return {"available": True, "version": str(version)}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _input_spec(path: Path) -> tuple[str, list]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in model.graph.initializer}
-    inp = next(i for i in model.graph.input if i.name not in inits)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    return inp.name, dims
-
-
-def _measure(path: str, runtime: str, threads: int, batch: int, size: int, cores: list[int], warmup: int,
-             runs: int) -> dict:
-    """One cell, in its own process."""
-    if cores and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores)
-    name, dims = _input_spec(Path(path))
-    x = np.random.default_rng(0).standard_normal((batch, dims[1] or 3, size, size)).astype(np.float32)
-    rss_before = _status_kb("VmRSS")
-    t0 = time.perf_counter()
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-        def infer():
-            sess.run(None, {name: x})
-    else:
-        import openvino as ov
-
-        core = ov.Core()
-        model = core.read_model(path)
-        if any(d is None for d in dims):
-            model.reshape({model.inputs[0].any_name: ov.PartialShape([batch, dims[1] or 3, size, size])})
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                     "PERFORMANCE_HINT": "LATENCY"})
-        request = compiled.create_infer_request()
-
-        def infer():
-            request.infer({0: x})
-    infer()  # the first run belongs to loading: lazy allocation, kernel selection
-    load_ms = (time.perf_counter() - t0) * 1000.0
-    for _ in range(warmup):
-        infer()
-    times = np.empty(runs)
-    for i in range(runs):
-        t = time.perf_counter()
-        infer()
-        times[i] = time.perf_counter() - t
-    ms = times * 1000.0
-    peak = _status_kb("VmHWM")
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-            "throughput_ips": float(batch * 1000.0 / ms.mean()), "load_ms": load_ms,
-            "peak_rss_mb": peak / 1024.0, "session_mb": max(0, peak - rss_before) / 1024.0}
-
-
-def _child(conn, args) -> None:
-    try:
-        conn.send(("ok", _measure(*args)))
-    except BaseException as e:  # noqa: BLE001 - the parent records the failure in the cell
-        conn.send(("error", short(e, 1000)))
-    finally:
-        conn.close()
-
-
-def run_cell(*args, timeout: float = 600.0) -> dict:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, args))
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout):
-            proc.kill()
-            return {"error": f"timed out after {timeout:.0f} s"}
-        status, value = parent.recv()
-    except EOFError:
-        status, value = "error", "the measuring process died"
-    proc.join(10)
-    return value if status == "ok" else {"error": value}
 
 
 def machine() -> dict:
@@ -158,7 +63,7 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
     for i, f in enumerate(files):
         f = Path(f)
         try:
-            _, dims = _input_spec(f)
+            _, dims = bench.input_spec(f)
         except Exception as e:  # noqa: BLE001
             raise CompressError(f"{f} is not a readable ONNX file ({type(e).__name__})") from None
         label = labels[i] if labels else f.stem
@@ -166,7 +71,7 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
         file_sizes = sizes or [dims[-1] or 224]
         for runtime in runtimes:
             for t in threads:
-                pinned = cores[:t] if cores else list(range(t))
+                pinned = cores[:t] if cores else bench.default_cores(t)
                 for b in batches:
                     for s in file_sizes:
                         cell = {"label": label, "runtime": runtime, "threads": t, "cores": pinned, "batch": b, "size": s}
@@ -177,7 +82,11 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
                         elif dims[0] is not None and dims[0] != b:
                             cell["error"] = f"fixed batch {dims[0]}"
                         else:
-                            cell.update(run_cell(str(f), runtime, t, b, s, pinned, warmup, runs))
+                            try:
+                                cell.update(bench.measure(f, runtime, threads=t, batch=b, size=s, cores=pinned,
+                                                          warmup=warmup, runs=runs, timeout=CELL_TIMEOUT_S))
+                            except CompressError as e:
+                                cell["error"] = str(e)
                         log.info(f"[bench] {label} {runtime} {t} thread(s) batch {b} {s}×{s}: " + (
                             cell["error"] if "error" in cell else
                             f"p50 {cell['p50_ms']:.3f} ms, {cell['throughput_ips']:.0f} img/s, load {cell['load_ms']:.0f} ms, "

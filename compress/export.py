@@ -114,6 +114,7 @@ def parity(model: nn.Module, onnx_path: Path, ds: Dataset, max_abs_diff: float, 
         "torch_accuracy": accuracy(ref, targets.numpy()),
         # none when only the agreement is checked (INT8); JSON has no infinity
         "tolerance": {"atol": max_abs_diff, "rtol": rtol} if np.isfinite(max_abs_diff) else None,
+        "min_argmax_agreement": min_agreement,
         "passed": bool(within and agree >= min_agreement),
     }
     if not result["passed"]:

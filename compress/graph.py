@@ -26,9 +26,9 @@ GRAPH: tuple[StageNode, ...] = (
     StageNode("assistant", needs=("teacher",), reads=("teacher",), default=False),
     StageNode("distill", needs=("teacher",), reads=("teacher", "assistant")),
     StageNode("prune", needs=("distill",), reads=("teacher", "distill")),
-    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=4),
-    StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=5),
-    StageNode("bench", needs=("export",), reads=("export",), version=5),
+    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=5),
+    StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=6),
+    StageNode("bench", needs=("export",), reads=("export",), version=6),
 )
 NODES: dict[str, StageNode] = {n.name: n for n in GRAPH}
 ORDER: tuple[str, ...] = tuple(NODES)

@@ -160,22 +160,113 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
         if p["left_whole"]:
             lines += ["", "Left whole: " + "; ".join(p["left_whole"]) + "."]
     if "export" in ctx.results:
-        lines += ["", "## ONNX parity (whole test split, onnxruntime vs PyTorch)", "",
-                  "| model | file | max abs logit diff | argmax agreement | convolutions onnxruntime runs in int8 / float |",
-                  "|---|---|---|---|---|"]
-        for role, e in ctx.results["export"].metrics.items():
-            if role not in ARTIFACTS:
-                continue
-            p, k = e.get("parity"), e.get("kernels")
-            diff = f"{p['max_abs_logit_diff']:.2e}" if p else "—"
-            agree = f"{p['argmax_agreement']:.2%}" if p else "— (no PyTorch twin)"
-            kern = f"{k['quantized_convolutions']} / {k['float_convolutions']}" if k else "— (FP32)"
-            lines.append(f"| {ARTIFACTS[role].label} | `{e['file']}` | {diff} | {agree} | {kern} |")
+        for title, head, table, notes in export_tables(ctx.results["export"].metrics, code=lambda t: f"`{t}`"):
+            lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in table]
+            lines += [""] + notes if notes else []
     lines += ["", "## Stages", "", "| " + " | ".join(STAGE_HEAD) + " |", "|" + "---|" * len(STAGE_HEAD)]
     lines += ["| " + " | ".join(r) + " |" for r in stage_rows(ctx)]
     lines += ["", "## Lineage", "", "| | |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in lineage(ctx).items()]
     return "\n".join(lines) + "\n"
+
+
+EXPORT_HEAD = ["model", "file", "compared with", "gate", "max abs Δlogit", "argmax agreement", "result",
+               "convolutions onnxruntime runs in int8 / float"]
+
+
+def _verdict(p: dict) -> str:
+    return "passed" if p.get("passed", True) else "FAILED"
+
+
+def _onnx_gate(artifact, p: dict | None, k: dict | None) -> tuple[str, str]:
+    """(what the ONNX file is compared with, its gate) from its parity and kernel records."""
+    int8 = "every convolution an int8 kernel" if k else ""
+    if not p:
+        return "— (no PyTorch twin)", int8 or "—"
+    agree = p.get("min_argmax_agreement")
+    gates = []
+    if p.get("tolerance"):
+        t = p["tolerance"]
+        gates.append(f"abs Δlogit ≤ {t['atol']:g} + {t['rtol']:g} × the image's largest abs logit")
+    if agree is not None:
+        gates.append(f"agreement ≥ {agree:.2%}")
+    gates += [int8] if int8 else []
+    return ("PyTorch" if artifact.precision == "fp32" else "PyTorch fake-quant model"), "; ".join(gates) or "—"
+
+
+def _usability(ep: dict) -> str:
+    """One execution provider's verdicts, e.g. ``NO as is; YES with a fixed input shape (1 partition,
+    100/100 nodes)``."""
+    parts = []
+    for key, words in (("as_is", "as is"), ("fixed_input_shape", "with a fixed input shape")):
+        v = ep.get(key) or {}
+        if "verdict" not in v:
+            continue
+        where = (f" ({v['partitions']} partition{'' if v['partitions'] == 1 else 's'}, {v['supported_nodes']}/"
+                 f"{v['nodes']} nodes)" if "partitions" in v else "")
+        parts.append(f"{v['verdict']} {words}{where}")
+    return "; ".join(parts) or "n/a"
+
+
+def export_tables(metrics: dict, code=lambda t: t) -> list[tuple[str, list[str], list[list[str]], list[str]]]:
+    """The export stage as (title, header, rows, notes) per table: every shipped file's check (what it
+    is compared with, the gate with its tolerance, the measured numbers, the verdict), then
+    onnxruntime's mobile usability verdict per student file. ``code`` marks file names."""
+    rows, mobile = [], []
+    for role, e in metrics.items():
+        if role not in ARTIFACTS:
+            continue
+        a = ARTIFACTS[role]
+        p, k = e.get("parity"), e.get("kernels")
+        ref, gate = _onnx_gate(a, p, k)
+        rows.append([a.label, code(e["file"]), ref, gate, f"{p['max_abs_logit_diff']:.2e}" if p else "—",
+                     f"{p['argmax_agreement']:.2%}" if p else "—", _verdict(p or {}),
+                     f"{k['quantized_convolutions']} / {k['float_convolutions']}" if k else "—"])
+        if "ort" in e:
+            o = e["ort"]["parity"]
+            rows.append([a.label, code(e["ort"]["file"]), f"{code(e['file'])} (onnxruntime, extended optimizations)",
+                         o["gate"], f"{o['max_abs_logit_diff']:.2e}", f"{o['argmax_agreement']:.2%}", _verdict(o), "—"])
+        if "openvino" in e:
+            v = e["openvino"]["parity"]
+            shipped = e["openvino"].get("shipped", True)
+            rows.append([a.label, f"{code(e['openvino']['xml'])} + {code(e['openvino']['bin'])}"
+                         + ("" if shipped else " (not shipped)"),
+                         f"{code(e['file'])} (onnxruntime)", f"agreement ≥ {v['min_argmax_agreement']:.2%} "
+                         f"({v['device']}, {', '.join(f'{k_} {v_}' for k_, v_ in v['config'].items())})",
+                         f"{v['max_abs_logit_diff']:.2e}", f"{v['argmax_agreement']:.2%}", _verdict(v), "—"])
+        if "mobile_usability" in e:
+            u = e["mobile_usability"]
+            eps = u["execution_providers"]
+            mobile.append((a.label, code(e["file"]), eps, u["recommendation"]))
+    notes = []
+    edge = metrics.get("edge")
+    if edge is not None and not edge.get("formats"):
+        notes.append(f"Edge formats: none ({code('export.edge_formats')} is empty).")
+    if edge and "ort" in edge:
+        o = edge["ort"]
+        diffs = [e["ort"]["parity"].get("max_abs_logit_diff_vs_default_session") for r, e in metrics.items()
+                 if r in ARTIFACTS and "ort" in e]
+        diffs = [d for d in diffs if d is not None]
+        setting = ", ".join(f"{code(k_)} = {v_}" for k_, v_ in o["session_config"].items())
+        notes.append(f"ORT format: optimization style {o['optimization_style']}, target platform {o['target_platform']}. "
+                     f"Load with the session option {setting} so that onnxruntime replays the saved optimizations "
+                     "(without it an int8 file runs its QDQ graph in float and its logits differ). "
+                     f"{code(o['required_operators_config'])} lists the operators a reduced onnxruntime build needs. "
+                     "The bitwise check runs the ONNX file with the optimizations the conversion keeps (basic and "
+                     "extended, no layout rewrites); the ONNX file in a default session, whose layout rewrites pick "
+                     "other convolution kernels, differs from it"
+                     + (f" by at most {max(diffs):.2e} in a logit." if diffs else "."))
+    if edge and "openvino" in edge and not edge["openvino"].get("available"):
+        notes.append(f"OpenVINO IR: not written ({edge['openvino'].get('reason', 'openvino unavailable')}).")
+    tables = [("Parity of the shipped files (whole test split)", EXPORT_HEAD, rows, notes)]
+    if mobile:
+        names = list(dict.fromkeys(ep for _, _, eps, _ in mobile for ep in eps))
+        tables.append(("Mobile usability (onnxruntime's checker: NNAPI and CoreML partitions)",
+                       ["model", "file", *names, "recommendation"],
+                       [[label, f, *[_usability(eps.get(n, {})) for n in names], advice] for label, f, eps, advice in mobile],
+                       []))
+    return tables
 
 
 STAGE_HEAD = ["stage", "status", "seconds", "model", "test accuracy (PyTorch)", "fingerprint"]
@@ -243,6 +334,10 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
         head, table = main_table(ctx, rows)
         body += ["<h2>Teacher vs student</h2>", H.table(head, [[label, *cells] for label, cells in table])]
         body += [H.img(png, cap, cap) for png, cap in plots(ctx, rows)]
+    if "export" in ctx.results:
+        for title, head, table, notes in export_tables(ctx.results["export"].metrics):
+            body += [f"<h2>{H.esc(title)}</h2>", H.table(head, table)]
+            body += [f"<p class='note'>{H.esc(n)}</p>" for n in notes]
     body += extra or []
     body += ["<h2>Stages</h2>", H.table(STAGE_HEAD, stage_rows(ctx))]
     body += ["<h2>Lineage</h2>", H.table(["", ""], [[k, v] for k, v in lineage(ctx).items()])]

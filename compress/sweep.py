@@ -4,7 +4,8 @@ One teacher (trained once, cached), many students, each trained with every metho
 and from scratch by default) on the same budget; each (student, series) is its own pipeline run under
 ``artifacts/<name>/runs/`` so an interrupted sweep resumes and a finished one retrains nothing.
 Latency depends on the architecture only: it is measured once per student (FP32 and onnxruntime PTQ
-INT8 at ``latency_size``) and cached. Writes sweep.csv, sweep.json, the review's curves (accuracy vs
+INT8 at ``latency_size``, each with :func:`compress.bench.latency`: a fresh process pinned to as many
+cores as ``threads``) and cached. Writes sweep.csv, sweep.json, the review's curves (accuracy vs
 distillation factor, accuracy vs relative error) and accuracy vs latency with the Pareto front, as PNG
 files and in report.html / report.md."""
 
@@ -56,7 +57,7 @@ def measure_latency(ctx: RunContext, cfg: PipelineConfig, out_dir: Path) -> dict
     sw = cfg.sweep
     student = ctx.results["distill"].metrics["model"]
     key = sha256_json({"student": student, "size": sw.latency_size, "runs": sw.latency_runs, "threads": sw.threads,
-                       "opset": cfg.export.opset})
+                       "opset": cfg.export.opset, "measure": "fresh pinned process"})
     path = out_dir / "latency" / f"{student}.json"
     if path.is_file():
         try:
@@ -76,8 +77,10 @@ def measure_latency(ctx: RunContext, cfg: PipelineConfig, out_dir: Path) -> dict
         lat = latency(f, sw.latency_size, threads=sw.threads, warmup=5, runs=sw.latency_runs)
         result[f"{tag}_p50_ms"] = lat["p50_ms"]
         result[f"{tag}_size_bytes"] = f.stat().st_size
+        result["cores"] = lat["cores"]
     log.info(f"[sweep] {student}: p50 FP32 {result['fp32_p50_ms']:.2f} ms, INT8 {result['int8_p50_ms']:.2f} ms "
-        f"at {sw.latency_size}×{sw.latency_size}, {sw.threads} thread(s)")
+        f"at {sw.latency_size}×{sw.latency_size}, {sw.threads} thread(s) pinned to cores "
+        f"{','.join(map(str, result['cores']))}")
     write_json(path, result)
     shutil.rmtree(work, ignore_errors=True)
     return result
@@ -190,8 +193,8 @@ def _intro(result: dict) -> str:
     return (f"Teacher `{result['teacher']}` (test accuracy {result['teacher_accuracy']:.4f}, "
             f"{result['teacher_params']:,} parameters); every student trained {result['epochs']} epochs per series "
             f"({', '.join(result['series'])}). Latency: onnxruntime CPU, p50 at {lat['size']}×{lat['size']}, batch 1, "
-            f"{lat['threads']} thread; INT8 is onnxruntime's quantize_static of the FP32 file. Pareto: no other "
-            "row is both faster (FP32) and more accurate.")
+            f"{lat['threads']} thread, each file in a fresh process pinned to as many cores; INT8 is onnxruntime's "
+            "quantize_static of the FP32 file. Pareto: no other row is both faster (FP32) and more accurate.")
 
 
 def markdown(result: dict) -> str:

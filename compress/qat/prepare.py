@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from compress.errors import CompressError, short
 from compress.qat.fakequant import ActFakeQuant
-from compress.qat.modules import QAddMul, QConvBn2d, QHardsigmoid, QLinear
+from compress.qat.modules import QAddMul, QConvBn2d, QGlobalAvgPool, QHardsigmoid, QLinear
 from compress.qat.schedule import set_observers
 
 _FUSABLE_ACTS = (nn.ReLU, nn.ReLU6)
@@ -32,6 +32,7 @@ _FUSABLE_ACTS = (nn.ReLU, nn.ReLU6)
 # often read by a residual add as well as by a convolution)
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh,
                 nn.LeakyReLU, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
+_ELEMENTWISE_ACTS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Tanh, nn.LeakyReLU)
 _COMPUTE_FUNCS = {operator.add, operator.mul, operator.iadd, operator.imul, torch.add, torch.mul, torch.cat, torch.mean, torch.sigmoid,
                   F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.adaptive_avg_pool2d,
                   F.avg_pool2d, F.max_pool2d, torch.flatten}
@@ -198,6 +199,8 @@ class _Rewrite:
         self.gm = gm
         self.count = 0
         self.quantized: dict[fx.Node, fx.Node] = {}  # node -> its fake-quant node (and each to itself)
+        self.float_nodes: set[fx.Node] = set()  # the float stem: input, first convolution, its activation
+        self.float_output: fx.Node | None = None  # the stem's last node: quantized after it
 
     def add(self, prefix: str, module: nn.Module) -> str:
         self.count += 1
@@ -227,6 +230,27 @@ class _Rewrite:
         if leftover:
             raise CompressError(f"QAT: BatchNorm not after a convolution cannot be folded: {', '.join(map(str, leftover[:3]))}")
 
+    def float_stem(self) -> None:
+        """The first convolution, when it alone reads the input image, and the activation that alone
+        reads it stay float; quantization starts after them. With 3 input channels an int8 convolution
+        cannot use its kernel's width (onnxruntime's int8 stem took 2-3x the float one's time) and
+        its input and hard-swish were the largest tensors quantized."""
+        gm = self.gm
+        image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+        readers = _readers(gm, image) if image is not None else []
+        conv = _module_of(gm, readers[0]) if len(readers) == 1 else None
+        if not isinstance(conv, QConvBn2d):
+            return
+        conv.keep_float = True
+        self.float_nodes.update({image, readers[0]})
+        after = _readers(gm, readers[0])
+        if len(after) == 1 and (_hard_kind(gm, after[0]) or isinstance(_module_of(gm, after[0]), _ELEMENTWISE_ACTS)
+                                or (after[0].op == "call_function" and after[0].target in (F.relu, F.relu6, F.silu))):
+            self.float_nodes.add(after[0])
+            self.float_output = after[0]
+        else:
+            self.float_output = readers[0]
+
     def int8_forms(self, example_input: torch.Tensor) -> None:
         """Rewrite what onnxruntime would run in float between int8 kernels into what it runs in int8:
         hard-sigmoid → :class:`QHardsigmoid` (a QLinearAdd), hard-swish → x · QHardsigmoid(x) (and a
@@ -238,6 +262,8 @@ class _Rewrite:
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
         for node in list(gm.graph.nodes):
+            if node in self.float_nodes:
+                continue
             kind = _hard_kind(gm, node)
             keep = _spatial_mean(node)
             if kind is not None:
@@ -276,10 +302,13 @@ class _Rewrite:
         for node in list(gm.graph.nodes):
             if node in self.quantized or node.op in ("output", "get_attr") or node is logits_node:
                 continue
+            if node in self.float_nodes and node is not self.float_output:
+                continue
             if not _produces_quantized(gm, node):
                 continue
             users = _readers(gm, node)
-            if users and all(_is_fusable_act(gm, u) for u in users) and node.op != "placeholder":
+            if (users and all(_is_fusable_act(gm, u) for u in users) and node.op != "placeholder"
+                    and node not in self.float_nodes):
                 continue  # quantized after the ReLU, which onnxruntime folds into the requantization
             name = self._quantizer(node) if _moves_data(gm, node) else self.add("act_fq", ActFakeQuant())
             with gm.graph.inserting_after(node):
@@ -292,7 +321,7 @@ class _Rewrite:
         """Every convolution and linear layer reads a quantized tensor."""
         gm = self.gm
         for node in list(gm.graph.nodes):
-            if isinstance(_module_of(gm, node), (QConvBn2d, QLinear)):
+            if isinstance(_module_of(gm, node), (QConvBn2d, QLinear)) and node not in self.float_nodes:
                 src = node.args[0]
                 if isinstance(src, fx.Node) and _no_op_source(gm, src) not in self.quantized.values():
                     name = self._quantizer(src)
@@ -314,9 +343,9 @@ class _Rewrite:
                 if isinstance(fq, (ActFakeQuant, QHardsigmoid)):
                     layer._input_fq[:] = [fq]
             if isinstance(layer, QConvBn2d):
-                users = list(node.users)
+                users = _readers(gm, node)
                 if len(users) == 1 and _is_fusable_act(gm, users[0]):
-                    users = list(users[0].users)
+                    users = _readers(gm, users[0])
                 out_fq = _module_of(gm, users[0]) if len(users) == 1 else None
                 if isinstance(out_fq, ActFakeQuant) and not out_fq._tied:
                     layer._output_fq[:] = [out_fq]
@@ -341,7 +370,9 @@ class _Rewrite:
             if op is None or node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
                 continue
             ins = [_module_of(gm, _no_op_source(gm, a)) for a in node.args]
-            users = list(node.users)
+            users = _readers(gm, node)
+            if len(users) == 1 and _is_fusable_act(gm, users[0]):  # onnxruntime folds it into the saturation
+                users = _readers(gm, users[0])
             out = _module_of(gm, users[0]) if len(users) == 1 else None
             if not all(isinstance(m, (ActFakeQuant, QHardsigmoid)) for m in ins) or not isinstance(out, ActFakeQuant) or out._tied:
                 continue
@@ -353,9 +384,38 @@ class _Rewrite:
             gm.graph.erase_node(node)
 
 
-def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    def exact_pools(self) -> None:
+        """A global average pooling of a quantized tensor whose result is quantized becomes a
+        :class:`QGlobalAvgPool` that knows both quantizers (and computes what QLinearGlobalAveragePool
+        does)."""
+        gm = self.gm
+        for node in list(gm.graph.nodes):
+            m = _module_of(gm, node)
+            if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+                size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+            elif isinstance(m, nn.AdaptiveAvgPool2d):
+                size = m.output_size
+            else:
+                continue
+            if size not in (1, (1, 1), [1, 1]) or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            src = _module_of(gm, _no_op_source(gm, node.args[0]))
+            users = list(node.users)
+            out = _module_of(gm, users[0]) if len(users) == 1 else None
+            if not isinstance(src, ActFakeQuant) or not isinstance(out, ActFakeQuant) or out._tied:
+                continue
+            module = QGlobalAvgPool()
+            module._fqs[:] = [src, out]
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(self.add("qpool", module), (node.args[0],))
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+
+
+def prepare_qat(model: nn.Module, example_input: torch.Tensor, float_stem: bool = True) -> fx.GraphModule:
     """Rewrite a float model into its fake-quant form (observers on, fake quantization off until
-    ``enable_fake_quant``). The input model is not modified."""
+    ``enable_fake_quant``). The input model is not modified. With ``float_stem`` the first convolution
+    and its activation stay float (:meth:`_Rewrite.float_stem`)."""
     model = _split_bn_act(copy.deepcopy(model)).eval()
     try:
         graph = _tracer().trace(model)
@@ -364,11 +424,14 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule
     gm = fx.GraphModule(model, graph)
     rewrite = _Rewrite(gm)
     rewrite.fold_layers()
+    if float_stem:
+        rewrite.float_stem()
     rewrite.int8_forms(example_input)
     rewrite.quantize_outputs()
     rewrite.quantize_layer_inputs()
     rewrite.link_input_quantizers()
     rewrite.exact_binaries()
+    rewrite.exact_pools()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

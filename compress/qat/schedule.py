@@ -57,7 +57,8 @@ def calibrate(gm: nn.Module, batches) -> int:
 
 def qat_summary(gm: nn.Module) -> dict:
     convs = _modules(gm, QConvBn2d)
-    return {"convolutions": len(convs), "batchnorms_folded": sum(c.bn is not None for c in convs),
+    return {"convolutions": len(convs), "float_convolutions": sum(c.keep_float for c in convs),
+            "batchnorms_folded": sum(c.bn is not None for c in convs),
             "linear_layers": len(_modules(gm, QLinear)), "activation_quantizers": len(_modules(gm, ActFakeQuant))}
 
 

@@ -4,8 +4,11 @@ Reads: the ONNX files of ``export`` (the artifact table) and the checkpoints who
 hold (for parameters and MACs).
 Writes: ``metrics.json`` with, per file, onnxruntime CPU latency at batch 1 (mean, p50, p90, p99) per
 input size and thread setting, file size, parameters, MACs per size, the file's own test accuracy and
-the review's metrics against the teacher file. Sizes other than the training size are measured on
-copies rebuilt at that size (in the work folder)."""
+the review's metrics against the teacher file. Latency is :func:`compress.bench.latency`: each setting
+in a fresh process pinned to as many cores as threads (the first ones this process may use; the
+"all cores" setting pins nothing), with the cores it ran on, whether it was pinned, the session's load
+time and peak memory recorded beside the percentiles. Sizes other than the training size are measured
+on copies rebuilt at that size (in the work folder)."""
 
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ def _latencies(ctx: RunContext, artifact: A.Artifact, size: int, work: Path, mod
     for threads in cfg.threads:
         lat = latency(path, size, threads=threads, warmup=cfg.warmup, runs=cfg.runs)
         out.append(lat)
-        log.info(f"[bench] {artifact.role} {model_name} {size}x{size} {lat['threads_setting']}: "
+        where = f"pinned to cores {','.join(map(str, lat['cores']))}" if lat["pinned"] else "not pinned"
+        log.info(f"[bench] {artifact.role} {model_name} {size}x{size} {lat['threads_setting']} ({where}): "
                  f"mean {lat['mean_ms']:.3f} ms, p50 {lat['p50_ms']:.3f} ms, p99 {lat['p99_ms']:.3f} ms")
     return out

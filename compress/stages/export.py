@@ -1,12 +1,18 @@
-"""Stage ``export``: the ONNX files a run ships (the artifact table, ``compress.artifacts``), each
-checked before it is kept.
+"""Stage ``export``: the ONNX files a run ships (the artifact table, ``compress.artifacts``) and, beside
+each student file, what edge apps load; every file is checked before it is kept.
 
 Reads: the checkpoints of ``teacher``, ``distill``, ``prune`` and ``quantize`` (whichever ran).
 Writes: ``teacher_fp32.onnx``, ``model_fp32.onnx``, ``model_pruned_fp32.onnx`` (with prune),
 ``model_int8.onnx`` (QAT, with quantize) and ``model_int8_ptq.onnx`` (onnxruntime's PTQ baseline), each
-with deployer metadata; ``metrics.json`` holds each file's parity against its PyTorch model (FP32:
-max |Δlogit| and argmax agreement on the whole test split; INT8: agreement with the fake-quant model)
-and the kernels onnxruntime runs for the int8 files (every convolution must be an int8 kernel)."""
+with deployer metadata; for every student file (``export.edge_formats``) its ORT format file
+(``<name>.ort``, saved runtime optimizations, with ``required_operators.with_runtime_opt.config`` for a
+reduced onnxruntime build) and its OpenVINO IR (``<name>.xml`` and ``<name>.bin``, when openvino is
+installed). ``metrics.json`` holds each file's parity with its tolerance: FP32 ONNX against its
+PyTorch model (max |Δlogit| and argmax agreement on the whole test split), INT8 ONNX against the
+fake-quant model, ORT format against its ONNX file (bitwise identical), OpenVINO IR against its ONNX
+file (argmax agreement); the kernels onnxruntime runs for the int8 files (every convolution must be
+an int8 kernel); and onnxruntime's mobile usability verdict (NNAPI, CoreML) per student file. A
+failed check stops the stage and leaves its message, with the numbers, in ``run.log``."""
 
 from __future__ import annotations
 
@@ -16,12 +22,14 @@ from pathlib import Path
 import torch
 
 from compress import artifacts as A
+from compress import edge_formats as E
 from compress import qat
 from compress.context import RunContext
 from compress.data import calibration_array
 from compress.errors import CompressError
-from compress.evaluate import onnx_accuracy
+from compress.evaluate import onnx_accuracy, ort_predict, ort_session
 from compress.export import export_onnx, parity, update_metadata
+from compress.logs import FILE_ONLY
 from compress.stages import register
 from compress.stages.common import MODEL_FILE, load_stage_model
 
@@ -50,10 +58,20 @@ def build_onnx(ctx: RunContext, artifact: A.Artifact, size: int, path: Path,
 
 @register("export")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
+    try:
+        return _export(ctx, out, work)
+    except CompressError as e:
+        # the console gets the CLI's one line; run.log keeps which check failed, with its numbers
+        log.error(f"[export] failed: {e}", extra={FILE_ONLY: True})
+        raise
+
+
+def _export(ctx: RunContext, out: Path, work: Path) -> dict:
     data = ctx.data
     result: dict = {}
     fp32_file = A.fp32_student(ctx.cfg.stages).file
-    for artifact in A.for_run(ctx.cfg.stages, ctx.cfg.quantize.ptq_baseline):
+    shipped = A.for_run(ctx.cfg.stages, ctx.cfg.quantize.ptq_baseline)
+    for artifact in shipped:
         path = out / artifact.file
         model = build_onnx(ctx, artifact, data.image_size, path, fp32_path=out / fp32_file)
         entry = {"file": artifact.file, "opset": ctx.cfg.export.opset, **_check(ctx, artifact, model, path)}
@@ -65,7 +83,56 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         entry["size_bytes"] = path.stat().st_size
         entry["onnx_accuracy"] = entry.pop("onnx_accuracy")  # keeps the key order of metrics.json
         result[artifact.role] = entry
+    if ctx.cfg.export.edge_formats:
+        result["edge"] = edge_files(ctx, [a for a in shipped if a.stage != "teacher"], out, work, result)
     return result
+
+
+def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Path, result: dict) -> dict:
+    """Beside each of ``artifacts``' ONNX files in ``out``, the edge formats of ``export.edge_formats``,
+    each checked against its ONNX file; adds ``ort``, ``mobile_usability`` and ``openvino`` to the
+    file's entry in ``result`` and returns what holds for all of them."""
+    cfg, test = ctx.cfg.export, ctx.data.test
+    onnx = {a.role: out / a.file for a in artifacts}
+    summary: dict = {"formats": list(cfg.edge_formats)}
+    if "openvino" in cfg.edge_formats:
+        summary["openvino"] = status = E.openvino_status()
+        if not status["available"]:
+            log.warning(f"[export] no OpenVINO IR written: {status['reason']}")
+    openvino = summary.get("openvino", {}).get("available", False)
+    # each ONNX file's logits in the session parity and bench use: the reference of the OpenVINO IR
+    logits = {}
+    if openvino or "ort" in cfg.edge_formats:
+        logits = {role: ort_predict(ort_session(path), test)[0] for role, path in onnx.items()}
+    if "ort" in cfg.edge_formats:
+        converted = E.to_ort(list(onnx.values()), out, work)
+        summary["ort"] = {"optimization_style": E.ORT_OPTIMIZATION_STYLE, "target_platform": E.ORT_TARGET_PLATFORM,
+                          "session_config": E.ORT_SESSION_CONFIG,
+                          "required_operators_config": converted["required_operators_config"]}
+        for a in artifacts:
+            name = converted["files"][a.file]
+            p = E.ort_parity(out / name, onnx[a.role], test, logits[a.role])
+            result[a.role]["ort"] = {"file": name, "size_bytes": (out / name).stat().st_size, "parity": p}
+            log.info(f"[export] {name}: logits identical to {a.file} ({p['images']} images; max |Δlogit| "
+                     f"{p['max_abs_logit_diff_vs_default_session']:.2e} against its default session)")
+            usability = E.mobile_usability(onnx[a.role])
+            result[a.role]["mobile_usability"] = usability
+            log.info(f"[export] {a.file} on mobile: {usability['recommendation']}")
+    for a in artifacts if openvino else []:
+        ir = E.to_openvino(onnx[a.role], out, work)
+        limit = cfg.min_argmax_agreement if a.precision == "fp32" else cfg.openvino_int8_min_argmax_agreement
+        p = E.openvino_parity(out / ir["xml"], onnx[a.role], test, limit, logits[a.role])
+        if not p["passed"]:
+            # OpenVINO computes int8 with its own kernels: an IR that disagrees is dropped, the rest ships
+            for name in (ir["xml"], ir["bin"]):
+                (out / name).unlink(missing_ok=True)
+            result[a.role]["openvino"] = {**ir, "shipped": False, "parity": p}
+            log.warning(f"[export] {p['reason']}: the IR is not shipped")
+            continue
+        result[a.role]["openvino"] = {**ir, "shipped": True, "parity": p}
+        log.info(f"[export] {ir['xml']}: agreement {p['argmax_agreement']:.2%} with {a.file} (limit {limit:.2%}), "
+                 f"max |Δlogit| {p['max_abs_logit_diff']:.2e}")
+    return summary
 
 
 def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None, path: Path) -> dict:
@@ -76,9 +143,13 @@ def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None,
         p = parity(model, path, test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement, rtol=cfg.logit_rtol)
         return {"parity": p, "onnx_accuracy": p["onnx_accuracy"]}
     entry: dict = {"kernels": qat.kernel_report(path)}
-    if entry["kernels"]["float_convolutions"]:
-        raise CompressError(f"{artifact.file}: onnxruntime runs {entry['kernels']['float_convolutions']} "
-                            "convolutions in float; the int8 graph is not fused")
+    kernels = entry["kernels"]
+    stem = qat.qat_summary(model)["float_convolutions"] if artifact.made_by == "qat" else 0
+    if kernels["float_convolutions"] != stem or kernels["float_ops_between_int8"]:
+        floats = ", ".join(f"{n} {op}" for op, n in kernels["float_ops_between_int8"].items()) or "none"
+        raise CompressError(f"{artifact.file}: onnxruntime runs {kernels['float_convolutions']} convolutions in "
+                            f"float (the float stem has {stem}) and these float operations between int8 kernels: "
+                            f"{floats}; the int8 graph is not fused")
     if artifact.has_torch_twin:
         entry["parity"] = parity(model, path, test, max_abs_diff=float("inf"), min_agreement=cfg.int8_min_argmax_agreement)
         entry["onnx_accuracy"] = entry["parity"]["onnx_accuracy"]
@@ -111,7 +182,9 @@ def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float) -> di
         "compress.precision": artifact.precision,
     }
     if artifact.made_by == "qat":
-        props["compress.quantization"] = {**qat.SCHEME, "method": "quantization-aware training"}
+        props["compress.quantization"] = {**qat.SCHEME, "method": "quantization-aware training",
+                                          "first_convolution": "float, quantized after its activation"
+                                          if ctx.cfg.quantize.float_stem else "int8"}
     elif artifact.made_by == "ptq":
         props["compress.quantization"] = {**qat.SCHEME, "method": "onnxruntime quantize_static (min/max calibration)",
                                           "bias": "int32"}

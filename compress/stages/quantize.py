@@ -32,7 +32,7 @@ def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
     """Rewrite ``student`` into its fake-quant form on a tiny input, calibrate it on noise, and run a
     training step's forward and backward and an inference forward with fake quantization on."""
     size, n = ctx.data.image_size, ctx.data.num_classes
-    gm = qat.prepare_qat(student, torch.zeros(1, 3, size, size))
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, size, size), float_stem=ctx.cfg.quantize.float_stem)
     qat.calibrate(gm, [torch.randn(2, 3, size, size)])
     qat.qat_schedule(gm, 0, ctx.cfg.quantize.freeze_observers_after, ctx.cfg.quantize.freeze_bn_after)
     gm.train()
@@ -52,7 +52,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     student = load_stage_model(ctx, source)
     name = ctx.metrics("distill")["model"]
     seed_everything(ctx.cfg.seed)
-    gm = qat.prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size))
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size), float_stem=cfg.float_stem)
     calib_ds = data.train
     if cfg.calibration_images < len(calib_ds):
         calib_ds = torch.utils.data.Subset(calib_ds, list(range(cfg.calibration_images)))
@@ -67,7 +67,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
                  on_epoch_start=lambda e: qat.qat_schedule(gm, e, cfg.freeze_observers_after, cfg.freeze_bn_after))
     qat.qat_schedule(gm, 10**9, cfg.freeze_observers_after, cfg.freeze_bn_after)  # final state: all frozen
     gm.eval()
-    meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME}
+    meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME, "float_stem": cfg.float_stem}
     if source == "prune":
         meta["arch"] = read_json(ctx.stage_dir("prune") / "model.json")["arch"]
     save_checkpoint(gm, out / MODEL_FILE, meta)
