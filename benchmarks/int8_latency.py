@@ -56,7 +56,8 @@ def calibration_images(size: int, n: int) -> "torch.Tensor":
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def build(name: str, size: int, calib: torch.Tensor, tmp: Path, checkpoint: Path | None) -> dict[str, Path]:
+def build(name: str, size: int, calib: torch.Tensor, tmp: Path, checkpoint: Path | None,
+          float_stem: bool = True) -> dict[str, Path]:
     import numpy as np
     import torch
 
@@ -75,7 +76,7 @@ def build(name: str, size: int, calib: torch.Tensor, tmp: Path, checkpoint: Path
                 torch.nn.init.uniform_(m.running_var, 0.5, 2.0)
     model.eval()
     paths = {"fp32": export_onnx(model, tmp / f"{name}_fp32.onnx", size)}
-    gm = prepare_qat(model, torch.zeros(1, 3, size, size))
+    gm = prepare_qat(model, torch.zeros(1, 3, size, size), float_stem=float_stem)
     calibrate(gm, calib.split(8))
     qat_schedule(gm, 10**9, 0, 0)
     gm.eval()
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calibration-images", type=int, default=64)
+    ap.add_argument("--int8-stem", action="store_true", help="quantize the first convolution too (no float stem)")
     ap.add_argument("--checkpoint", type=Path, default=None, help="a compress model.safetensors (one model only)")
     args = ap.parse_args()
     import torch
@@ -114,7 +116,7 @@ def main() -> int:
     results, ok = [], True
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            paths = build(name, args.size, calib, Path(tmp), args.checkpoint)
+            paths = build(name, args.size, calib, Path(tmp), args.checkpoint, not args.int8_stem)
             p50 = measure(paths, args.size, args.threads, args.runs, args.rounds)
             kernels = {k: kernel_report(paths[k]) for k in ("qat_int8", "ptq_int8")}
             row = {

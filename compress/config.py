@@ -141,8 +141,9 @@ class QuantizeConfig(TrainConfig):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX with onnxruntime's quantize_static")
-    float_stem: bool = Field(True, description="keep the first convolution and its activation float: quantization "
-                             "starts after them (faster and more accurate with onnxruntime on CPU)")
+    float_stem: bool = Field(True, description="keep the first convolution float when its activation is one an int8 "
+                             "convolution cannot fold (hard-swish, SiLU...): quantization starts after them (faster "
+                             "with onnxruntime on CPU, measured by benchmarks/int8_latency.py)")
 
 
 class ExportConfig(_Strict):

@@ -121,7 +121,8 @@ def test_every_student_passes_the_int8_export_gate(name, digits32, tmp_path):
     path = tmp_path / "int8.onnx"
     info = export_qdq(gm, path, 32)
     stem = qat_summary(gm)["float_convolutions"]
-    assert stem == 1 and info["weights_stored_int8"] >= _convs(model) - stem
+    # the stem stays float where its activation is hard-swish (MobileNetV3), int8 where it is a ReLU
+    assert stem == int(name.startswith("mobilenetv3")) and info["weights_stored_int8"] >= _convs(model) - stem
     ops = optimized_ops(path, shape_arithmetic=False)
     assert sum(ops[o] for o in FLOAT_CONV_OPS) == stem, dict(ops)
     assert sum(ops[o] for o in QUANT_CONV_OPS) == _convs(model) - stem, dict(ops)

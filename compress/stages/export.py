@@ -75,7 +75,8 @@ def _export(ctx: RunContext, out: Path, work: Path) -> dict:
         path = out / artifact.file
         model = build_onnx(ctx, artifact, data.image_size, path, fp32_path=out / fp32_file)
         entry = {"file": artifact.file, "opset": ctx.cfg.export.opset, **_check(ctx, artifact, model, path)}
-        update_metadata(path, _metadata(ctx, artifact, entry["onnx_accuracy"]))
+        update_metadata(path, _metadata(ctx, artifact, entry["onnx_accuracy"],
+                                        float_stem=entry.get("kernels", {}).get("float_convolutions", 0) > 0))
         p = entry.get("parity")
         log.info(f"[export] {artifact.file}: " + (f"max |Δlogit| {p['max_abs_logit_diff']:.2e}, agreement "
                                                   f"{p['argmax_agreement']:.2%}, " if p else "")
@@ -158,7 +159,7 @@ def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None,
     return entry
 
 
-def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float) -> dict:
+def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float, float_stem: bool = False) -> dict:
     """``metadata_props`` for the deployer: the input, the classes, the models, the scheme."""
     data, distill = ctx.data, ctx.metrics("distill")
     props = {
@@ -184,7 +185,7 @@ def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float) -> di
     if artifact.made_by == "qat":
         props["compress.quantization"] = {**qat.SCHEME, "method": "quantization-aware training",
                                           "first_convolution": "float, quantized after its activation"
-                                          if ctx.cfg.quantize.float_stem else "int8"}
+                                          if float_stem else "int8"}
     elif artifact.made_by == "ptq":
         props["compress.quantization"] = {**qat.SCHEME, "method": "onnxruntime quantize_static (min/max calibration)",
                                           "bias": "int32"}
