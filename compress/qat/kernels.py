@@ -48,20 +48,18 @@ def float_ops_between_int8(path: Path, threads: int = 1) -> Counter:
     graph = _optimized_graph(path, threads)
     shape_only = _shape_only(graph)
     before = {i.name for i in graph.input}  # tensors computed before any quantization
+    constants = {i.name for i in graph.initializer}
     out: Counter = Counter()
     for n in graph.node:  # topological order
         if shape_only(n):
             continue
         data_inputs = [i for i in n.input if i]
-        if n.op_type != "QuantizeLinear" and data_inputs and all(i in before or _is_constant(graph, i) for i in data_inputs):
+        if n.op_type != "QuantizeLinear" and data_inputs and all(i in before or i in constants for i in data_inputs):
             before.update(n.output)
         elif n.op_type not in INT8_OPS:
             out[n.op_type] += 1
     return out
 
-
-def _is_constant(graph: onnx.GraphProto, name: str) -> bool:
-    return any(i.name == name for i in graph.initializer)
 
 
 def _shape_only(graph: onnx.GraphProto):
