@@ -1,17 +1,19 @@
-# Both entry points create or refresh .venv from pyproject.toml first; a stamp file makes the second
-# call install nothing.
+# Both entry points create or refresh .venv from pyproject.toml first, at the versions pinned in
+# constraints.txt (the ones CI passed on; CONSTRAINTS= installs the newest releases pyproject.toml allows);
+# a stamp file makes the second call install nothing.
 PYTHON ?= python3
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 MODEL  ?= mobilenet
 ARGS   ?=
+CONSTRAINTS ?= constraints.txt
 
 .PHONY: pipeline compare sweep test smoke venv clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)

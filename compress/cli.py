@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from compress.errors import CompressError
+from compress.errors import CompressError, as_os_error, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, prune, quantize and export image classifiers for edge CPUs.")
@@ -37,6 +37,9 @@ def pipeline(
     name: Optional[str] = typer.Option(None, help="run name (folder under the artifacts directory)"),
     artifacts: Path = typer.Option(Path("artifacts"), help="where runs are written"),
     force: bool = typer.Option(False, "--force", help="rerun every stage even if unchanged"),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", min=0, metavar="SECONDS",
+                                                 help="while another process runs the same run name, wait at "
+                                                      "most this long (0: refuse at once); default: wait"),
 ) -> None:
     """Run a recipe's stages; unchanged stages are skipped."""
     from compress.config import load_recipe
@@ -51,8 +54,8 @@ def pipeline(
     if download:
         overrides.append("data.download=true")
     cfg = load_recipe(recipe, overrides)
-    ctx = run_pipeline(cfg, artifacts=artifacts, force=force)
-    write_reports(ctx)
+    output_folder(artifacts / cfg.name, "--artifacts")
+    ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout, finish=write_reports)
     typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
     typer.echo((ctx.run_dir / "report.md").read_text())
 
@@ -72,6 +75,9 @@ def export(
     from compress.models import load_checkpoint
     from compress.qat import export_qdq, load_qat_checkpoint
 
+    if out.is_dir():
+        raise CompressError(f"--out {out} is a folder; give the path of the ONNX file to write")
+    output_folder(out.parent, "--out")
     meta_path = checkpoint.with_suffix(".json")
     try:
         is_qat = bool(json.loads(meta_path.read_text()).get("qat"))
@@ -128,7 +134,8 @@ def bench(
             raise CompressError(f"--cores lists {len(core_list)} cores for {max(threads)} threads")
     for m in models:
         if not m.is_file():
-            raise CompressError(f"ONNX file not found: {m}")
+            raise CompressError(f"ONNX file {m} is a folder" if m.is_dir() else f"ONNX file not found: {m}")
+    output_folder(out, "--out")
     result = bench_files(models, list(dict.fromkeys(runtime)), threads, batch, size or None, core_list, warmup, runs)
     if dataset:
         from pydantic import ValidationError
@@ -214,6 +221,7 @@ def _run_recipe(runner, recipe: Path, overrides: list[str], artifacts: Path, for
     from compress.config import load_recipe
 
     cfg = load_recipe(recipe, list(overrides))
+    output_folder(artifacts / cfg.name, "--artifacts")
     runner(cfg, artifacts=artifacts, force=force)
     typer.echo((artifacts / cfg.name / "report.md").read_text())
 
@@ -230,6 +238,23 @@ def sweep(
     from compress.sweep import run_sweep
 
     _run_recipe(run_sweep, recipe, set_, artifacts, force)
+
+
+def output_folder(folder: Path, option: str) -> None:
+    """Refuse, before anything runs, an output folder that cannot be one: an existing file, a path
+    through a file, or a place this user may not write to. (A full disk, or a read-only file system
+    that permissions do not show, is met when writing: the CLI's one line too.)"""
+    import os
+
+    existing = folder.expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise CompressError(f"{option}: {existing} is a file, not a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1))
+        raise CompressError(f"{option}: {existing} is on a read-only file system" if read_only else
+                            f"{option}: no permission to write in {existing}")
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
@@ -261,7 +286,9 @@ def main() -> None:
     command = typer.main.get_command(app)
     args = sys.argv[1:] or ["--help"]
     try:
-        command.main(args=args, prog_name="compress", standalone_mode=False)
+        code = command.main(args=args, prog_name="compress", standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into Exit(130) and, not standalone, returns its code
+            raise KeyboardInterrupt
     except CompressError as e:
         logging.getLogger("compress").debug("failed", exc_info=True)
         print(f"compress: error: {e}", file=sys.stderr)
@@ -277,6 +304,13 @@ def main() -> None:
     except typer.Abort:
         print("compress: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a failed system call (full disk, permissions) is the user's to fix
+        failed = as_os_error(e)
+        if failed is None:
+            raise  # a bug: its traceback is what a report needs
+        logging.getLogger("compress").debug("failed", exc_info=True)
+        print(f"compress: error: {os_error_line(failed)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

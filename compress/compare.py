@@ -13,7 +13,7 @@ from compress.distill.methods import METHODS, summary
 from compress.errors import CompressError, ConfigError
 from compress.fsio import write_json, write_text
 from compress.models import resolve_name
-from compress.pipeline import run_pipeline
+from compress.pipeline import run_lock, run_pipeline
 from compress.report import write_reports
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,20 @@ def method_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
 def run_compare(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False) -> dict:
     if cfg.compare is None:
         raise ConfigError(f"recipe {cfg.name!r} has no compare section (compare.methods: [scratch, kd, ...])")
+    configs = {m: method_config(cfg, m) for m in cfg.compare.methods}  # every recipe checked before training
+    with run_lock(artifacts / cfg.name, cfg.name):  # one compare of this name at a time
+        return _run_compare(cfg, configs, artifacts, force)
+
+
+def _run_compare(cfg: PipelineConfig, configs: dict[str, PipelineConfig], artifacts: Path, force: bool) -> dict:
+    assert cfg.compare is not None
     out_dir = artifacts / cfg.name
     rows, failed, ctx = [], [], None
-    configs = {m: method_config(cfg, m) for m in cfg.compare.methods}  # every recipe checked before training
     for i, method in enumerate(cfg.compare.methods):
         log.info(f"[compare] {i + 1}/{len(cfg.compare.methods)}: {method}")
         try:
-            ctx = run_pipeline(configs[method], artifacts=out_dir, force=force, cache_dir=artifacts / ".cache")
-            write_reports(ctx)
+            ctx = run_pipeline(configs[method], artifacts=out_dir, force=force, cache_dir=artifacts / ".cache",
+                               finish=write_reports)
         except CompressError as e:  # one method failing (e.g. a diverging loss) does not stop the others
             log.info(f"[compare] {method} failed: {e}")
             failed.append(method)

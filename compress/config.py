@@ -354,6 +354,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"recipe not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not a UTF-8 text file; give a YAML recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

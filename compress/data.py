@@ -141,10 +141,13 @@ def open_rgb(path: str | Path):
 
     with Image.open(path) as im:
         im.load()
-        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        if im.mode.startswith("I;16"):  # 16 bits whatever the values: a dark image stays dark
+            a = np.asarray(im, dtype=np.float32)
+            im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8))
+        elif im.mode in ("I", "F"):  # 32-bit integers or floats: the range is guessed from the values
             a = np.asarray(im, dtype=np.float32)
             top = 1.0 if im.mode == "F" and a.max() <= 1.0 else (255.0 if a.max() <= 255 else 65535.0)
-            im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
+            im = Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8))
         elif im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
         return im.convert("RGB")
@@ -309,14 +312,35 @@ _CIFAR = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays (what CIFAR's python-format batches hold) and
+    refuses every other global, so a planted file runs no code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
 def _read_cifar_files(folder: Path, files: list[str], label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for f in files:
         try:
             with open(folder / f, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")  # the CIFAR format itself is pickled
+                entry = _ArraysOnly(fh, encoding="latin1").load()  # the CIFAR format itself is pickled
             xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.extend(entry[label_key])
+        except _Refused as e:
+            raise CompressError(f"CIFAR file {folder / f} is a pickle that carries code or objects ({e}), refused "
+                                "for safety and not run; download the python-format archive again") from None
         except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as e:
             raise CompressError(f"CIFAR file {folder / f} is unreadable ({type(e).__name__})") from None
     x = torch.from_numpy(np.concatenate(xs)).float() / 255.0
@@ -339,8 +363,8 @@ def load_cifar_bundle(cfg: DataConfig, defaults: dict | None = None) -> DataBund
     meta_file, meta_key = spec["meta"]
     try:
         with open(folder / meta_file, "rb") as fh:
-            classes = [str(c) for c in pickle.load(fh, encoding="latin1")[meta_key]]
-    except (OSError, KeyError, pickle.UnpicklingError, EOFError):
+            classes = [str(c) for c in _ArraysOnly(fh, encoding="latin1").load()[meta_key]]
+    except (OSError, KeyError, TypeError, pickle.UnpicklingError, EOFError):
         raise CompressError(f"CIFAR metadata {folder / meta_file} is unreadable") from None
     from sklearn.model_selection import train_test_split
 
@@ -392,16 +416,28 @@ def _typical_size(samples: list[tuple[str, int]], limit: int = 256) -> int:
 
 
 def _check_one(path: str) -> str | None:
+    """None when ``path`` decodes to an RGB image, else why not, in a few words."""
     try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
         open_rgb(path)
         return None
-    except Exception as e:  # noqa: BLE001 - every way an image can fail to decode is reported the same way
-        return type(e).__name__
+    except Exception as e:  # noqa: BLE001 - every way an image can fail to decode is reported, none raised
+        from PIL import UnidentifiedImageError
+
+        if isinstance(e, UnidentifiedImageError):
+            return "not an image Pillow can read"
+        text = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+        if "truncated" in text.lower() or isinstance(e, EOFError):
+            return "truncated"
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def scan_images(files: list[str], cache: Path | None = None, threads: int = 4) -> dict[str, str]:
+def scan_images(files: list[str], cache: Path | None = None, threads: int = 4,
+                keep_bad: bool = True) -> dict[str, str]:
     """Decode every image once; returns {file: reason} for those that cannot be read. The answer is
-    kept in ``cache`` under a key made of every file's path, size and modification time."""
+    kept in ``cache`` under a key made of every file's path, size and modification time; one that
+    finds unreadable images only with ``keep_bad`` (a run that refuses them leaves nothing behind)."""
     import hashlib
     import json
     from concurrent.futures import ThreadPoolExecutor
@@ -423,7 +459,7 @@ def scan_images(files: list[str], cache: Path | None = None, threads: int = 4) -
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         reasons = list(pool.map(_check_one, files, chunksize=32))
     bad = {f: r for f, r in zip(files, reasons) if r is not None}
-    if record is not None:
+    if record is not None and (keep_bad or not bad):
         from compress.fsio import write_json
 
         try:
@@ -469,7 +505,8 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
         raise CompressError(f"image folder {base} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     named = {s: _scan(root / s, classes) for s in ("val", "test") if has_splits and (root / s).is_dir()}
     every = samples + [x for part in named.values() for x in part]
-    bad = scan_images([f for f, _ in every], scan_cache, threads=max(2, cfg.num_workers()))
+    bad = scan_images([f for f, _ in every], scan_cache, threads=max(2, cfg.num_workers()),
+                      keep_bad=cfg.skip_bad_images)
     if bad:
         first = sorted(bad)[0]
         if not cfg.skip_bad_images:

@@ -62,10 +62,15 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
     result = {"machine": machine(), "runtimes": status, "warmup": warmup, "runs": runs, "files": [], "cells": []}
     for i, f in enumerate(files):
         f = Path(f)
+        if f.stat().st_size == 0:
+            raise CompressError(f"{f} is not a readable ONNX file (it is empty, 0 bytes)")
         try:
             _, dims = bench.input_spec(f)
+        except CompressError:
+            raise
         except Exception as e:  # noqa: BLE001
-            raise CompressError(f"{f} is not a readable ONNX file ({type(e).__name__})") from None
+            why = "its bytes are not an ONNX model" if type(e).__name__ == "DecodeError" else type(e).__name__
+            raise CompressError(f"{f} is not a readable ONNX file ({why})") from None
         label = labels[i] if labels else f.stem
         result["files"].append({"file": str(f), "label": label, "size_bytes": f.stat().st_size, "input": dims})
         file_sizes = sizes or [dims[-1] or 224]

@@ -35,6 +35,14 @@ def setup(verbosity: int = 0) -> None:
     root.propagate = False
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``run.log``: a record it cannot write (a full disk) is dropped without logging's own traceback
+    on stderr; the console still shows it, and the error that stops the run is the CLI's one line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextmanager
 def run_log(path: Path) -> Iterator[None]:
     """Also append every record of the ``compress`` loggers to ``path`` while the block runs."""
@@ -42,7 +50,7 @@ def run_log(path: Path) -> Iterator[None]:
     if _console is None and not root.handlers:
         setup()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _RunLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.DEBUG)
     root.addHandler(handler)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import CompressError, short
+from compress.errors import CompressError, as_os_error, short
 from compress.fsio import atomic_path, write_json
 
 
@@ -373,43 +373,200 @@ def _three(values: tuple) -> tuple[float, float, float]:
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically."""
+    """Write ``path`` (.safetensors) and ``path.with_suffix('.json')`` atomically. A failed write (a
+    full disk) raises OSError, as any other file write does, whatever library wrote it."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
+        try:
+            save_file(state, str(tmp))
+        except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors as its own exception type
+            failed = as_os_error(e, path)
+            if failed is None:
+                raise
+            raise failed from e
     write_json(path.with_suffix(".json"), meta)
+
+
+# the pickled globals a torch state dict needs besides torch's own: anything else is an object or code
+_PLAIN_GLOBALS = {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.bytearray",
+                  "_codecs.encode", "builtins.slice", "builtins.complex", "builtins.int", "builtins.float",
+                  "builtins.bool", "builtins.str", "builtins.bytes", "builtins.list", "builtins.dict",
+                  "builtins.tuple"}
+_SAVE_HINT = "save the weights alone: torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+
+
+def _pickle_globals(data: bytes, streams: int = 1) -> set[str]:
+    """The globals (``module.name``) the first ``streams`` pickles of ``data`` would import, read
+    without running anything (``pickletools``). Raises ValueError where the bytes are not a pickle."""
+    import io
+    import pickletools
+
+    found: set[str] = set()
+    buf = io.BytesIO(data)
+    for n in range(streams):
+        if buf.tell() >= len(data):
+            break
+        recent: list[Any] = []  # what the last ops pushed, enough to name a STACK_GLOBAL's module and name
+        memo: dict[int, Any] = {}
+        try:
+            for op, arg, _ in pickletools.genops(buf):
+                kind = op.name
+                if kind in ("GLOBAL", "INST"):
+                    found.add(_py3_name(*str(arg).split(" ", 1)))
+                    recent.append(None)
+                elif kind == "STACK_GLOBAL":
+                    module, name = ([None, None] + recent)[-2:]
+                    found.add(_py3_name(module, name) if isinstance(module, str) and isinstance(name, str)
+                              else "<a computed global>")
+                    recent.append(None)
+                elif kind == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif kind in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = recent[-1] if recent else None
+                elif kind in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(int(arg)))
+                elif kind in ("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING",
+                              "SHORT_BINSTRING", "BINSTRING"):
+                    recent.append(arg)
+                elif kind not in ("FRAME", "PROTO"):
+                    recent.append(None)
+                recent = recent[-2:]
+        except Exception as e:  # noqa: BLE001 - pickletools raises ValueError or others on garbage
+            if n == 0:
+                raise ValueError(f"not a pickle ({short(e, 80, typed=False)})") from None
+            break  # the raw tensor bytes after the pickles of a legacy torch file
+    return found
+
+
+def _py3_name(module: str, name: str) -> str:
+    """``module.name`` as Python 3 imports it (protocol 2 pickles write Python 2 names: __builtin__.set)."""
+    import _compat_pickle
+
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _refused_globals(found: set[str]) -> list[str]:
+    """The globals torch's weights-only loader would not import (its allow-list where this torch
+    release exposes it, else torch's own names and plain containers)."""
+    try:
+        from torch import _weights_only_unpickler as wo
+
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+        return sorted(g for g in found if g not in allowed)
+    except (ImportError, AttributeError):
+        return sorted(g for g in found if not (g.startswith("torch.") or g in _PLAIN_GLOBALS))
+
+
+def _torch_pickle(path: Path, head: bytes) -> bytes | None:
+    """The pickled part of a torch file: ``data.pkl`` of a zip archive, else the file's first 4 MiB
+    (torch's legacy format and plain pickles); None for a TorchScript archive. Raises ValueError for a
+    zip archive that is not a torch file."""
+    if head.startswith(b"PK\x03\x04"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+                if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                    return None
+                data = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+                if not data:
+                    raise ValueError("a zip archive without data.pkl")
+                return z.read(data[0])
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"a damaged zip archive ({short(e, 80, typed=False)})") from None
+    with open(path, "rb") as f:  # a pickle (torch's legacy format, or a plain one) or nothing known
+        return f.read(1 << 22)
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that much JSON starting with '{'."""
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= size - 8 and head[8:9] == b"{"
 
 
 def load_state_dict_file(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read weights from safetensors, or a torch file with ``weights_only=True`` (a state dict, or one
-    under ``state_dict`` or ``model``; a ``module.`` prefix is dropped). Nothing is unpickled beyond
-    tensors and plain containers."""
+    under ``state_dict`` or ``model``; a ``module.`` prefix is dropped). The format is told from the
+    bytes, not the name. Nothing is unpickled beyond tensors and plain containers: a pickle that would
+    import anything else (an object, a callable such as ``os.system``) is refused after reading its
+    opcodes (``pickletools``), before torch sees it; torch's own weights-only loader is the second
+    guard. Each failure is one line saying which it is: missing, empty, damaged, carrying code or
+    objects, or not a state dict."""
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise CompressError(f"{what} {path} is a folder, not a weights file")
     if not path.is_file():
         raise CompressError(f"{what} not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise CompressError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    if size == 0:
+        raise CompressError(f"{what} {path} cannot be read: the file is empty (0 bytes)")
+    try:
+        if _is_safetensors(head, size):
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            try:
+                state = load_file(str(path))
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"a damaged safetensors file ({short(e, 120, typed=False)})") from None
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # an object or a callable
-            raise CompressError(f"{what} {path} holds more than tensors (pickled objects or code), which is not "
-                                "loaded; save a state dict (model.state_dict()) or a .safetensors file") from None
-        raise CompressError(f"{what} {path} cannot be read ({type(e).__name__}); is it corrupt?") from None
+            pickled = _torch_pickle(path, head)
+            if pickled is None:
+                raise CompressError(f"{what} {path} is a TorchScript archive (code and weights), not a state dict; "
+                                    f"{_SAVE_HINT}")
+            try:
+                found = _pickle_globals(pickled, streams=1 if head.startswith(b"PK") else 4)
+            except ValueError:
+                raise ValueError("it is neither a safetensors file nor a torch file or pickle") from None
+            refused = _refused_globals(found)
+            if refused:
+                raise CompressError(_carries_code(what, path, refused))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols and on weights_only
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+                except pickle.UnpicklingError as e:
+                    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+                    if m:
+                        raise CompressError(_carries_code(what, path, [m.group(1)])) from None
+                    raise ValueError(f"not a torch file ({_torch_reason(e)})") from None
+                except Exception as e:  # noqa: BLE001
+                    raise ValueError(f"a damaged torch file ({_torch_reason(e)})") from None
+    except ValueError as e:
+        raise CompressError(f"{what} {path} cannot be read: {e}; is it corrupt?") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CompressError(f"{what} {path} does not hold a state dict of tensors")
+        raise CompressError(f"{what} {path} does not hold a state dict of tensors; {_SAVE_HINT}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _carries_code(what: str, path: Path, refused: list[str]) -> str:
+    shown = ", ".join(refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+    return (f"{what} {path} is a pickle that carries code or objects ({shown}), refused for safety and not run; "
+            f"{_SAVE_HINT}")
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The last meaningful line of torch's (often long) loader error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Check the doc")]
+    return (lines[-1] if lines else type(e).__name__)[:120]
 
 
 def _with_versions(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -422,14 +579,25 @@ def _with_versions(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return out
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    state = _with_versions(load_state_dict_file(path), model)
+def load_weights(model: nn.Module, path: str | Path, what: str = "checkpoint", name: str | None = None) -> nn.Module:
+    """Load a weights file into ``model``, every key and shape as the model has them; ``name``: the
+    model's name for the message (default: its class)."""
+    state = _with_versions(load_state_dict_file(path, what=what), model)
+    own = model.state_dict()
+    problems = [(kind, keys) for kind, keys in (
+        ("missing", [k for k in own if k not in state]),
+        ("unexpected", [k for k in state if k not in own]),
+        ("differently shaped", [k for k in state if k in own and state[k].shape != own[k].shape]))
+        if keys]
+    if problems:
+        kind, keys = problems[0]
+        raise CompressError(f"{what} {path} does not fit {name or type(model).__name__} (weights of another "
+                            f"architecture or number of classes?): {kind} {len(keys)} key(s), e.g. {keys[0]!r}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CompressError(f"checkpoint {path} does not fit {type(model).__name__}: {detail[:200]}") from None
+        raise CompressError(f"{what} {path} does not fit {name or type(model).__name__}: "
+                            f"{_first_key_problem(e)}") from None
     return model
 
 
@@ -437,14 +605,17 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by :func:`save_checkpoint` from its JSON metadata and weights."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise CompressError(f"checkpoint not found: {path}")
     if not meta_path.is_file():
-        raise CompressError(f"checkpoint metadata not found: {meta_path}")
+        raise CompressError(f"checkpoint metadata not found: {meta_path} (a checkpoint written by compress, "
+                            "model.safetensors, has its model.json beside it)")
     try:
         meta = json.loads(meta_path.read_text())
         model = model_from_meta(meta)
     except (ValueError, KeyError, TypeError):
         raise CompressError(f"checkpoint metadata {meta_path} is corrupt") from None
-    load_weights(model, path)
+    load_weights(model, path, name=str(meta.get("model")))
     return model.eval(), meta
 
 

@@ -3,9 +3,12 @@
 ``artifacts/<run>/<stage>/`` is complete or absent: a stage writes into a hidden temporary folder that
 is renamed into place when the stage succeeds. A stage whose fingerprint (its config, the data, the
 seed and its upstream stages' fingerprints) is unchanged is skipped. Training checkpoints live in
-``artifacts/<run>/.work/`` so a killed stage resumes where it stopped. Every run appends its log to
-``artifacts/<run>/run.log``. The runner knows stages only through the registry and writes no report:
-whoever runs a pipeline asks ``compress.report`` for one afterwards."""
+``artifacts/<run>/.work/`` so a killed stage resumes where it stopped. ``stage.json`` records the
+size and sha256 of every file of its folder; a skip checks them, so a damaged folder is recomputed,
+not trusted. One process at a time runs a run folder (``artifacts/<run>/.lock``): a second one waits
+for it. Every run appends its log to ``artifacts/<run>/run.log``. The runner knows stages only through
+the registry and writes no report: whoever runs a pipeline hands ``compress.report`` in as ``finish``,
+which runs while the run is still locked."""
 
 from __future__ import annotations
 
@@ -13,14 +16,17 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from compress import __version__, stages
 from compress.config import PipelineConfig
 from compress.context import RunContext, StageResult
-from compress.fsio import read_json, replace_dir, sha256_json, write_json
+from compress.fsio import damage, locked, manifest, read_json, replace_dir, sha256_json, write_json
 from compress.graph import FORMAT_VERSION
 from compress.errors import CompressError, short
 from compress.logs import FILE_ONLY, run_log
@@ -50,23 +56,48 @@ def _upstream(ctx: RunContext, stage: stages.Stage) -> dict[str, str]:
     return {u: ctx.results[u].fingerprint for u in stage.node.reads if u in ctx.results}
 
 
+RECORD = "stage.json"
+
+
+def _reusable(out: Path, fp: str) -> tuple[bool, str | None]:
+    """Whether the stage folder ``out`` holds a finished stage with fingerprint ``fp`` and every file
+    as it was written; else why not (None: nothing to say, the folder is absent or the stage changed)."""
+    record = out / RECORD
+    if not record.is_file():
+        return False, "stage folder has no stage.json" if out.is_dir() else None
+    try:
+        saved = read_json(record)
+        files = saved.get("files")
+    except (ValueError, AttributeError):
+        return False, "stage.json cannot be read"
+    if saved.get("fingerprint") != fp:
+        return False, None
+    if not isinstance(files, dict) or not files:
+        return False, "stage.json records no file hashes (written by an older compress)"
+    try:
+        why = damage(out, files)
+    except (TypeError, KeyError, AttributeError):
+        why = "stage.json's file list cannot be read"
+    return why is None, why and f"stage folder damaged: {why}"
+
+
 def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
     fp = fingerprint(ctx, stage)
     out = ctx.stage_dir(stage.name)
-    record = out / "stage.json"
-    if not ctx.force and record.is_file():
-        try:
-            saved = read_json(record)
-        except ValueError:
-            saved = {}
-        if saved.get("fingerprint") == fp:
+    work = ctx.run_dir / ".work" / f"{stage.name}-{fp[:16]}"
+    if not ctx.force:
+        ok, why = _reusable(out, fp)
+        if ok:
             log.info(f"[{stage.name}] unchanged, skipped")
+            if work.exists():  # left by a run killed after the stage's folder was in place
+                shutil.rmtree(work, ignore_errors=True)
             return StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)
+        if why:
+            log.warning(f"[{stage.name}] {why}; recomputing")
     tmp = ctx.run_dir / f".tmp-{stage.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    work = ctx.run_dir / ".work" / f"{stage.name}-{fp[:16]}"
     if ctx.force and work.exists():
         shutil.rmtree(work)
     log.info(f"[{stage.name}] running")
@@ -79,8 +110,8 @@ def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 2)
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "config.json", ctx.cfg.model_dump(mode="json"))
-    write_json(tmp / "stage.json", {"stage": stage.name, "fingerprint": fp, "compress_version": __version__,
-                                    "upstream": _upstream(ctx, stage)})
+    write_json(tmp / RECORD, {"stage": stage.name, "fingerprint": fp, "compress_version": __version__,
+                              "upstream": _upstream(ctx, stage), "files": manifest(tmp, exclude=(RECORD,))})
     replace_dir(tmp, out)
     if work.exists():
         shutil.rmtree(work)
@@ -157,20 +188,52 @@ def _runs(role: str, name: str, model: torch.nn.Module, size: int, num_classes: 
 
 
 def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False,
-                 cache_dir: Path | None = None) -> RunContext:
+                 cache_dir: Path | None = None, *, lock_timeout: float | None = None,
+                 finish: Callable[[RunContext], None] | None = None) -> RunContext:
     """Run the recipe's stages in order into ``artifacts/<name>/``; returns the context with every
-    stage's result."""
+    stage's result. The run folder is locked while the stages and ``finish`` (the caller's reports)
+    run: another process running the same name waits for it, at most ``lock_timeout`` seconds when
+    given (0: it refuses at once)."""
     run_dir = artifacts / cfg.name
     ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force)
     preflight(ctx)
     plan = [stages.get(name) for name in cfg.stages]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_log(run_dir / "run.log"):
-        log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}")
-        try:
-            for stage in plan:
-                ctx.results[stage.name] = run_stage(ctx, stage)
-        except BaseException as e:  # the console gets the CLI's one line; run.log keeps the whole story
-            log.error(f"run stopped: {short(e)}", exc_info=True, extra={FILE_ONLY: True})
-            raise
+    with run_lock(run_dir, cfg.name, lock_timeout):
+        with run_log(run_dir / "run.log"):
+            log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}")
+            try:
+                for stage in plan:
+                    ctx.results[stage.name] = run_stage(ctx, stage)
+            except BaseException as e:  # the console gets the CLI's one line; run.log keeps the whole story
+                log.error(f"run stopped: {short(e)}", exc_info=True, extra={FILE_ONLY: True})
+                raise
+        if finish is not None:
+            finish(ctx)
     return ctx
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path, name: str, timeout: float | None = None) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` while the block runs (another process holding it: wait, see
+    :func:`compress.fsio.locked`), and clear what a killed run left in ``run_dir``: unfinished stage
+    folders (``.tmp-*``), replaced ones (``.*.old``) and unfinished files (``.*.tmp``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with locked(run_dir / LOCK, f"run {name}", timeout,
+                hint="; wait for it, or run under another --name"):
+        _clear_leftovers(run_dir)
+        yield
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    for p in run_dir.iterdir():
+        name = p.name
+        if p.is_dir() and not p.is_symlink() and (name.startswith(".tmp-") or (name[:1] == "." and name.endswith(".old"))):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() and name[:1] == "." and name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+        else:
+            continue
+        log.debug(f"removed {p}, left by an interrupted run")

@@ -23,9 +23,9 @@ from compress.context import RunContext
 from compress.data import calibration_array
 from compress.errors import ConfigError
 from compress.export import export_onnx
-from compress.fsio import read_json, sha256_json, write_json, write_text
+from compress.fsio import read_json, sha256_json, write_bytes, write_json, write_text
 from compress.models import list_models
-from compress.pipeline import run_pipeline
+from compress.pipeline import run_lock, run_pipeline
 from compress.qat import ptq_static
 from compress.report import write_reports
 from compress.stages.common import load_stage_model
@@ -89,15 +89,20 @@ def measure_latency(ctx: RunContext, cfg: PipelineConfig, out_dir: Path) -> dict
 def run_sweep(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False) -> dict:
     if cfg.sweep is None:
         raise ConfigError(f"recipe {cfg.name!r} has no sweep section (sweep.students, sweep.series)")
+    configs = {(s, m): run_config(cfg, s, m) for s in students(cfg) for m in cfg.sweep.series}  # all checked first
+    with run_lock(artifacts / cfg.name, cfg.name):  # one sweep of this name at a time
+        return _run_sweep(cfg, configs, artifacts, force)
+
+
+def _run_sweep(cfg: PipelineConfig, configs: dict[tuple[str, str], PipelineConfig], artifacts: Path,
+               force: bool) -> dict:
+    assert cfg.sweep is not None
     out_dir = artifacts / cfg.name
-    names = students(cfg)
-    configs = {(s, m): run_config(cfg, s, m) for s in names for m in cfg.sweep.series}  # all checked first
     rows, teacher = [], None
     for i, (student, series) in enumerate(configs):
         log.info(f"[sweep] {i + 1}/{len(configs)}: {student} {series}")
         ctx = run_pipeline(configs[(student, series)], artifacts=out_dir / "runs", force=force,
-                           cache_dir=artifacts / ".cache")
-        write_reports(ctx)
+                           cache_dir=artifacts / ".cache", finish=write_reports)
         m = ctx.results["distill"].metrics
         teacher = ctx.results["teacher"].metrics
         lat = measure_latency(ctx, cfg, out_dir)
@@ -118,9 +123,7 @@ def run_sweep(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: b
     write_text(out_dir / "sweep.csv", buf.getvalue())
     figs = plots(result)
     for fname, png in figs.items():
-        tmp = out_dir / f".{fname}.tmp"
-        tmp.write_bytes(png)
-        tmp.replace(out_dir / fname)
+        write_bytes(out_dir / fname, png)
     write_text(out_dir / "report.md", markdown(result))
     write_text(out_dir / "report.html", html_page(result, figs))
     log.info(f"[sweep] wrote {out_dir}/sweep.csv, sweep.json, report.html and {len(figs)} plots")

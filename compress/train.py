@@ -6,9 +6,9 @@ to an uninterrupted one (on the same machine and thread count)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from compress.errors import CompressError
 from compress.evaluate import TrainLoader, predict
+from compress.fsio import atomic_path, write_bytes
 from compress.metrics import accuracy
 
 log = logging.getLogger(__name__)
@@ -141,9 +142,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # serialized in memory first: torch.save on a full disk raises an error without an errno, the
+    # write below a plain OSError (ENOSPC) that the command line reports in one line
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def fit(

@@ -1,5 +1,6 @@
-"""The command line as a user meets it: one line on stderr and exit code 2 for bad input; an end-to-end
-smoke pipeline; skipping, caching and nothing half-written."""
+"""The command line as a user meets it: one line on stderr and exit code 2 for bad input (the catalogue
+of bad inputs is tests/test_bad_inputs.py); an end-to-end smoke pipeline; skipping, caching and nothing
+half-written."""
 
 import json
 
@@ -28,28 +29,6 @@ def test_models_lists_parameter_counts(cli):
     r = cli("models", "shufflenet*")
     assert r.returncode == 0
     assert "shufflenet_v2_x1_0" in r.stdout and "1,263,854" in r.stdout  # torchvision's 10-class x1_0
-
-
-def test_bad_recipe_inputs(cli, tiny_recipe, tmp_path):
-    _one_line_error(cli("pipeline", tmp_path / "absent.yaml"), "recipe not found")
-    _one_line_error(cli("pipeline", tiny_recipe(), "--set", "distill.alphx=1"), "distill.alphx: unknown key")
-    _one_line_error(cli("pipeline", tiny_recipe(), "--set", "distill.alpha=3"), "distill.alpha")
-    _one_line_error(cli("pipeline", tiny_recipe(), "--student", "mobilenet_v9", "--artifacts", tmp_path / "a"),
-                    "unknown model 'mobilenet_v9'")
-    assert not (tmp_path / "a" / "tiny" / "distill").exists()
-    _one_line_error(cli("pipeline", tiny_recipe(), "--nope"), "No such option")
-
-
-def test_corrupt_or_missing_teacher_checkpoint(cli, tiny_recipe, tmp_path):
-    bad = tmp_path / "teacher.safetensors"
-    bad.write_bytes(b"\x00garbage")
-    art = tmp_path / "art"
-    _one_line_error(cli("pipeline", tiny_recipe(), "--set", f"teacher.checkpoint={bad}", "--artifacts", art),
-                    "cannot be read")
-    _one_line_error(cli("pipeline", tiny_recipe(), "--set", f"teacher.checkpoint={tmp_path / 'none.pt'}",
-                        "--artifacts", art), "not found")
-    assert not (art / "tiny" / "teacher").exists()
-    assert not any((art / "tiny").glob(".tmp-*"))
 
 
 def test_teacher_from_checkpoint_and_export_bench_commands(cli, tiny_recipe, tmp_path):

@@ -117,7 +117,8 @@ def test_pretrained_file_refusals_are_one_line(tmp_path):
     corrupt.write_bytes(b"not weights")
     other = tmp_path / "resnet18.pt"
     torch.save(create_model("resnet18", 1000).state_dict(), other)
-    cases = [(evil, "resnet18", "holds more than tensors"), (corrupt, "resnet18", "cannot be read"),
+    cases = [(evil, "resnet18", "carries code or objects (posix.system), refused for safety"),
+             (corrupt, "resnet18", "cannot be read"),
              (tmp_path / "absent.pt", "resnet18", "not found"), (other, "resnet34", "do not fit resnet34"),
              (other, "mobilenetv2_035", "do not fit"), (other, "torchvision:resnet34", "do not fit")]
     for path, name, needle in cases:

@@ -5,7 +5,9 @@ else ``teacher.pretrained`` (``true``: the model's published weights; or a local
 the cache of trained teachers (``<artifacts>/.cache/teachers/<key>/``).
 Writes: ``model.safetensors`` + ``model.json``; with multi-teacher KD, each extra teacher under
 ``teachers/<name>/``. A teacher trained here is stored in the cache, so every run with the same model,
-training settings, data and seed reuses it."""
+training settings, data and seed reuses it. An entry records the hash of each of its files and is
+checked before it is reused; while one run trains a teacher, another that needs the same entry waits
+for it (a lock per entry) and then reuses it."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import torch
 from compress.context import RunContext
 from compress.distill import HintonKD, logit_objective
 from compress.errors import CompressError
-from compress.fsio import link_or_copy, read_json, replace_dir, sha256_file, sha256_json, write_json
+from compress.fsio import (damage, link_or_copy, locked, manifest, read_json, replace_dir, sha256_file, sha256_json,
+                          write_json)
 from compress.graph import FORMAT_VERSION
 from compress.models import create_model, load_weights, model_spec, resolve_name, save_checkpoint
 from compress.stages import register
@@ -44,7 +47,14 @@ def identity(ctx: RunContext) -> dict:
 
 
 def models(ctx: RunContext) -> list[tuple[str, str, bool | str]]:
+    """The teachers the stage builds. A ``teacher.checkpoint`` is loaded into its model here, before
+    the run starts (the runner asks for these models first), so a file of another architecture is
+    refused with nothing written."""
     cfg = ctx.cfg.teacher
+    if cfg.checkpoint:
+        name = resolve_name(cfg.model)
+        load_weights(create_model(name, ctx.data.num_classes), Path(cfg.checkpoint).expanduser(),
+                     what="teacher checkpoint", name=name)
     main = ("teacher", resolve_name(cfg.model), False if cfg.checkpoint else cfg.pretrained)
     return [main] + [("teacher", t, starting_weights(ctx, t)) for t in extra_teachers(ctx)]
 
@@ -89,15 +99,19 @@ def starting_weights(ctx: RunContext, name: str) -> bool | str:
 
 def train_teacher(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[torch.nn.Module | None, dict]:
     """Train ``name`` as a teacher into ``out`` or link it from the cache; returns (model or None if
-    cached, metrics)."""
+    cached, metrics). The cache entry is locked while it is trained and stored."""
+    key = cache_key(ctx, name)
+    cache = ctx.cache_dir / "teachers" / key
+    with locked(cache.with_name(f"{key}.lock"), f"teacher cache entry {key[:12]} ({name})"):
+        if not ctx.force and (cached := _from_cache(cache, out, name)) is not None:
+            return None, cached
+        model, info = _train(ctx, name, out, work)
+        _store_cache(out, info, cache)
+    return model, {**info, "cached": False}
+
+
+def _train(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[torch.nn.Module, dict]:
     cfg, data = ctx.cfg.teacher, ctx.data
-    cache = ctx.cache_dir / "teachers" / cache_key(ctx, name)
-    if not ctx.force and (cache / "metrics.json").is_file():
-        log.info(f"[teacher] reusing cached {name} from {cache}")
-        out.mkdir(parents=True, exist_ok=True)
-        for f in (MODEL_FILE, "model.json"):
-            link_or_copy(cache / f, out / f)
-        return None, {**read_json(cache / "metrics.json"), "source": f"cache {cache}", "cached": True}
     seed_everything(ctx.cfg.seed)
     pretrained = starting_weights(ctx, name)
     model = create_model(name, data.num_classes, pretrained=pretrained)
@@ -112,8 +126,32 @@ def train_teacher(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[to
     info["train_seconds"] = round(result.seconds, 2)
     save_checkpoint(model, out / MODEL_FILE, model_meta(ctx, name, "teacher"))
     info.update(evaluate_model(model, ctx))
-    _store_cache(out, info, cache)
-    return model, {**info, "cached": False}
+    return model, info
+
+
+CACHE_FILES = "files.json"  # the entry's files with their sizes and hashes
+
+
+def _from_cache(cache: Path, out: Path, name: str) -> dict | None:
+    """The metrics of the cached teacher, its files linked into ``out``; None when there is no entry
+    or it is damaged (then it is trained again)."""
+    if not (cache / "metrics.json").is_file():
+        return None
+    try:
+        files = read_json(cache / CACHE_FILES) if (cache / CACHE_FILES).is_file() else None  # None: older entry
+        why = damage(cache, files) if files is not None else None
+        metrics = read_json(cache / "metrics.json")
+    except (ValueError, TypeError, KeyError, AttributeError, OSError):
+        why, metrics = "its records cannot be read", None
+    if why or not isinstance(metrics, dict):
+        log.warning(f"[teacher] cached {name} in {cache} is damaged ({why or 'metrics.json is not a record'}); "
+                    "training it again")
+        return None
+    log.info(f"[teacher] reusing cached {name} from {cache}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (MODEL_FILE, "model.json"):
+        link_or_copy(cache / f, out / f)
+    return {**metrics, "source": f"cache {cache}", "cached": True}
 
 
 def _store_cache(out: Path, info: dict, cache: Path) -> None:
@@ -124,4 +162,5 @@ def _store_cache(out: Path, info: dict, cache: Path) -> None:
     for f in (MODEL_FILE, "model.json"):
         link_or_copy(out / f, tmp / f)
     write_json(tmp / "metrics.json", info)
+    write_json(tmp / CACHE_FILES, manifest(tmp, exclude=(CACHE_FILES,)))
     replace_dir(tmp, cache)
