@@ -45,6 +45,12 @@ def tiny(folder: Path, name: str = "tiny", stages: list[str] = STAGES) -> Path:
     return write_tiny_recipe(folder, name, stages=stages, distill={"epochs": 2}, export={"edge_formats": []})
 
 
+def _sigint_default() -> None:
+    # a shell starts background jobs with SIGINT ignored and children inherit that; Python then never
+    # raises KeyboardInterrupt, so the run gets the disposition a terminal's foreground command has
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """``compress pipeline`` in its own process group, its output in files that can be read while
     it runs."""
@@ -57,7 +63,7 @@ class Run:
         self.started = time.time()
         self.proc = subprocess.Popen([sys.executable, "-m", "compress", "pipeline", str(recipe), "--artifacts",
                                       str(art), *extra], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                     stderr=self.err, start_new_session=True)
+                                     stderr=self.err, start_new_session=True, preexec_fn=_sigint_default)
         Run.started_here.append(self)
 
     @property
