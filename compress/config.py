@@ -175,12 +175,7 @@ class ExportConfig(_Strict):
     @field_validator("edge_formats")
     @classmethod
     def _edge_formats(cls, v: list[str]) -> list[str]:
-        for f in v:
-            if f not in EDGE_FORMATS:
-                raise ValueError(f"unknown edge format {f!r}; valid: {', '.join(EDGE_FORMATS)}")
-        if len(set(v)) != len(v):
-            raise ValueError("each edge format may appear once")
-        return v
+        return _known_once(v, EDGE_FORMATS, "edge format")
 
 
 class BenchConfig(_Strict):
@@ -206,11 +201,16 @@ class BenchConfig(_Strict):
 
 def _method_list(v: list[str]) -> list[str]:
     """Distillation method names, each known and listed once."""
-    for m in v:
-        if m not in METHODS:
-            raise ValueError(f"unknown distillation method {m!r}; valid: {', '.join(METHODS)}")
+    return _known_once(v, METHODS, "distillation method", "each method may appear once")
+
+
+def _known_once(v: list[str], valid, what: str, twice: str | None = None) -> list[str]:
+    """``v`` unchanged when each name is one of ``valid`` and listed once."""
+    for name in v:
+        if name not in valid:
+            raise ValueError(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
     if len(set(v)) != len(v):
-        raise ValueError("each method may appear once")
+        raise ValueError(twice or f"each {what} may appear once")
     return v
 
 
