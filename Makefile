@@ -6,6 +6,7 @@ VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 MODEL  ?= mobilenet
 ARGS   ?=
+NPROC  ?= 1
 CONSTRAINTS ?= constraints.txt
 
 .PHONY: pipeline compare sweep test smoke venv clean
@@ -20,7 +21,8 @@ venv: $(STAMP)
 
 pipeline: $(STAMP)
 	@test -f pipelines/$(MODEL).yaml || { echo "no recipe pipelines/$(MODEL).yaml; recipes: $$(ls pipelines | sed 's/\.yaml//' | tr '\n' ' ')" >&2; exit 2; }
-	$(VENV)/bin/compress pipeline pipelines/$(MODEL).yaml $(ARGS)
+	@case "$(NPROC)" in ''|*[!0-9]*|0) echo "NPROC must be a whole number of processes, 1 or more (got '$(NPROC)')" >&2; exit 2;; esac
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m compress,$(VENV)/bin/compress) pipeline pipelines/$(MODEL).yaml $(ARGS)
 
 compare: $(STAMP)
 	$(VENV)/bin/compress compare pipelines/methods.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)

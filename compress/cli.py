@@ -21,9 +21,11 @@ def _options(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="say more (repeatable): debug lines"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="warnings and errors only"),
 ) -> None:
+    from compress import dist
     from compress.logs import setup
 
-    setup(-1 if quiet else verbose)
+    # under torchrun the console is rank 0's; the others say only what goes wrong
+    setup(-1 if quiet or (dist.launched() and dist.launch_rank() != 0) else verbose)
 
 
 @app.command()
@@ -55,9 +57,16 @@ def pipeline(
         overrides.append("data.download=true")
     cfg = load_recipe(recipe, overrides)
     output_folder(artifacts / cfg.name, "--artifacts")
-    ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout, finish=write_reports)
-    typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
-    typer.echo((ctx.run_dir / "report.md").read_text())
+    from compress import dist
+
+    dist.init(cfg.distill.device)
+    try:
+        ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout, finish=write_reports)
+    finally:
+        dist.shutdown()
+    if dist.launch_rank() == 0:
+        typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
+        typer.echo((ctx.run_dir / "report.md").read_text())
 
 
 @app.command()
@@ -281,11 +290,20 @@ def _exits() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+def _one_process_unless_pipeline(args: list[str]) -> None:
+    from compress import dist
+
+    command = next((a for a in args if not a.startswith("-")), "")
+    if dist.launched() and command != "pipeline":
+        raise CompressError(f"only 'compress pipeline' runs under torchrun; run 'compress {command}' as one process")
+
+
 def main() -> None:
     """Entry point: one line on stderr and exit 2 for every error a user can fix."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] or ["--help"]
     try:
+        _one_process_unless_pipeline(args)
         code = command.main(args=args, prog_name="compress", standalone_mode=False)
         if code == 130:  # typer turns Ctrl-C into Exit(130) and, not standalone, returns its code
             raise KeyboardInterrupt

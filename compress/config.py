@@ -262,6 +262,23 @@ class SweepConfig(_Strict):
         return v
 
 
+class ComputeConfig(_Strict):
+    """How training uses the hardware; none of it changes what a one-process CPU run computes, so
+    these settings enter a stage's fingerprint only where they take effect (several processes under
+    torchrun, or a GPU)."""
+
+    sync_bn: bool | Literal["auto"] = Field("auto", description="SyncBatchNorm across the processes of a "
+                                            "torchrun run on GPUs (torch has it for CUDA only): batch "
+                                            "statistics over the global batch; auto: when the per-process "
+                                            "batch is below sync_bn_below")
+    sync_bn_below: int = Field(32, ge=1, le=1_000_000, description="per-process batch under which auto "
+                                                                   "turns SyncBatchNorm on")
+    mixed_precision: Literal["auto", "bf16", "fp16", "off"] = Field(
+        "auto", description="autocast on CUDA (fp16 with a gradient scaler); auto: bf16 where the GPU has "
+                            "it, else fp16; CPU always trains in float32")
+    channels_last: bool | Literal["auto"] = Field("auto", description="NHWC memory format on CUDA; auto: on")
+
+
 class PipelineConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
@@ -273,6 +290,7 @@ class PipelineConfig(_Strict):
     quantize: QuantizeConfig = QuantizeConfig()
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
+    compute: ComputeConfig = ComputeConfig()
     compare: CompareConfig | None = Field(None, description="used by compress compare only")
     sweep: SweepConfig | None = Field(None, description="used by compress sweep only")
 

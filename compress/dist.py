@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as tdist
+from torch import nn
+
+from compress.errors import CompressError
 
 # how long a process waits at a barrier for the others (rank 0 may hold the run lock behind another
 # run, or export and benchmark alone, while the others wait)
@@ -22,6 +26,11 @@ TIMEOUT = datetime.timedelta(hours=float(os.environ.get("COMPRESS_DIST_TIMEOUT_H
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (0 for a single process), before or after :func:`init`."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def active() -> bool:
@@ -82,3 +91,122 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
     tdist.all_reduce(t)
     return t.cpu().tolist()
+
+
+# -- training on several processes and on GPUs --------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """The recipe's ``compute`` section, handed over by the runner (plain values: this module sits
+    below the recipe)."""
+
+    sync_bn: bool | str = "auto"
+    sync_bn_below: int = 32
+    mixed_precision: str = "auto"
+    channels_last: bool | str = "auto"
+
+
+options = Options()
+
+
+def configure(**values: Any) -> None:
+    """Set :data:`options` for the trainings that follow (the runner calls it with ``compute``)."""
+    global options
+    options = Options(**values)
+
+
+@dataclass(frozen=True)
+class HardwarePlan:
+    sync_bn: bool
+    autocast_dtype: torch.dtype | None  # None: float32
+    channels_last: bool
+
+
+def hardware_plan(device: torch.device, per_process_batch: int) -> HardwarePlan:
+    """What a training on ``device`` uses: SyncBatchNorm with several processes on CUDA (torch has it
+    for GPUs only: on CPU each process normalizes its own share of the batch), autocast and
+    channels-last only on CUDA (a CPU trains in float32, as it always did)."""
+    cuda = device.type == "cuda"
+    if active() and not cuda and options.sync_bn is True:
+        raise CompressError("compute.sync_bn: torch runs SyncBatchNorm on CUDA only; on CPU set it to auto or "
+                            "false (each process then normalizes its own share of the batch)")
+    sync = active() and cuda and (options.sync_bn is True or (options.sync_bn == "auto"
+                                                              and per_process_batch < options.sync_bn_below))
+    dtype = None
+    if cuda and options.mixed_precision != "off":
+        bf16 = options.mixed_precision == "bf16" or (options.mixed_precision == "auto" and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float16
+    cl = cuda and options.channels_last in (True, "auto")
+    return HardwarePlan(sync, dtype, cl)
+
+
+def effective(device_type: str, per_process_batch: int) -> dict:
+    """The settings that change what a training computes here, for a stage's fingerprint: empty for
+    one CPU process (so its fingerprints are what they always were)."""
+    out: dict = {}
+    if active():
+        out["world"] = world()
+    if device_type == "cuda":
+        plan = hardware_plan(torch.device("cuda"), per_process_batch)
+        out["sync_bn"] = plan.sync_bn
+        out["autocast"] = str(plan.autocast_dtype).removeprefix("torch.") if plan.autocast_dtype else "off"
+        out["channels_last"] = plan.channels_last
+    return out
+
+
+def data_parallel(model: torch.nn.Module, objective: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` wrapped in DistributedDataParallel (which starts every process from rank 0's weights),
+    and what the objective trains besides it set to rank 0's values; ``model`` itself when alone."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    for t in objective.state_dict().values():
+        tdist.broadcast(t, 0)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def average_gradients(objective: torch.nn.Module) -> None:
+    """Average over the processes the gradients of what the objective trains besides the student
+    (DistributedDataParallel averages the student's): one all-reduce of their concatenation."""
+    if not active():
+        return
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    tdist.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).clone()
+        offset += n
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics, quantizer ranges)."""
+    if active():
+        for b in model.buffers():
+            tdist.broadcast(b, 0)
+
+
+def sync_batchnorm(model: torch.nn.Module) -> Callable[[], None]:
+    """Swap every BatchNorm of ``model`` for a synchronized one (timm's converter, which keeps the
+    activation of timm's BatchNormAct2d); returns what puts the original layers back. The swapped
+    layers share their parameters and statistics with the originals, so what is trained stays in
+    the originals (and their hooks, which feature taps put there, survive)."""
+    from timm.layers import convert_sync_batchnorm
+
+    originals = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))]
+    for name, child in list(model.named_children()):
+        setattr(model, name, convert_sync_batchnorm(child))
+
+    def restore() -> None:
+        for qualified, module in originals:
+            parent, _, leaf = qualified.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+    return restore

@@ -35,10 +35,13 @@ def loader(ds: Dataset, batch_size: int, shuffle: bool = False, generator: torch
 class SeededBatchSampler(Sampler):
     """Shuffled batches of ``(index, seed)`` pairs: the order and every sample's seed are functions of
     the epoch seed alone (set with :meth:`set_seed` before each epoch), so an epoch is reproducible
-    with persistent workers, with any number of them, and after a resume."""
+    with persistent workers, with any number of them, and after a resume. With ``world`` processes,
+    this one (``rank``) takes its share of the order as torch's DistributedSampler deals it; each
+    sample keeps the seed it has in a one-process run, so augmentation does not depend on the split."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool):
+    def __init__(self, n: int, batch_size: int, drop_last: bool, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, 0
+        self.rank, self.world = rank, world
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
@@ -47,29 +50,51 @@ class SeededBatchSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(self.n, generator=g).tolist()
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=g).tolist()
-        for start in range(0, self.n, self.batch_size):
+        if self.world > 1:  # the same permutation (same seed), dealt to the processes
+            order = list(distributed_sampler(range(self.n), self.seed, self.rank, self.world))
+        for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             if len(batch) < self.batch_size and self.drop_last:
                 return
             yield [(i, seeds[i]) for i in batch]
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        n = self.n // self.world
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def distributed_sampler(ds, seed: int, rank: int, world: int) -> "DistributedSampler":
+    """This process's share of a shuffled epoch of ``ds`` (its tail that does not divide by ``world``
+    dropped), through torch's DistributedSampler: the permutation is ``torch.randperm`` seeded with
+    ``seed``, as a one-process epoch of a file dataset's (:class:`SeededBatchSampler`)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    return DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+
+def one_process_order(n: int, seed: int) -> list[int]:
+    """The order in which one process's shuffled loader (:func:`loader` with a generator seeded with
+    ``seed``) visits ``n`` in-memory samples, read off a DataLoader of indices built the same way."""
+    return torch.cat(list(DataLoader(range(n), batch_size=n, shuffle=True,
+                                     generator=torch.Generator().manual_seed(seed)))).tolist()
 
 
 class TrainLoader:
     """The training batches of every epoch, from one DataLoader whose workers live as long as the
     training (persistent); ``epoch(seed)`` gives that epoch's batches. Datasets that decode files
     (``seeded``) draw per-sample seeds from :class:`SeededBatchSampler`; in-memory ones are shuffled by
-    a generator seeded per epoch in the training process."""
+    a generator seeded per epoch in the training process. Under torchrun each of the ``world``
+    processes gets its share (``batch_size`` is then the per-process batch)."""
 
-    def __init__(self, ds: Dataset, batch_size: int, pin_memory: bool = False):
-        self.ds, self.batch_size = ds, batch_size
+    def __init__(self, ds: Dataset, batch_size: int, pin_memory: bool = False, rank: int = 0, world: int = 1,
+                 drop_last: bool | None = None):
+        self.ds, self.batch_size, self.rank, self.world = ds, batch_size, rank, world
         self.seeded = bool(getattr(_base(ds), "seeded", False)) and not isinstance(ds, Subset)
-        drop_last = len(ds) > batch_size
+        # a lone short batch breaks BatchNorm: dropped when there is more than one global batch
+        self.drop_last = len(ds) > batch_size * world if drop_last is None else drop_last
         if self.seeded:
             workers = decode_workers(ds)
-            self.sampler = SeededBatchSampler(len(ds), batch_size, drop_last)
+            self.sampler = SeededBatchSampler(len(ds), batch_size, self.drop_last, rank, world)
             self.loader = DataLoader(ds, batch_sampler=self.sampler, num_workers=workers,
                                      persistent_workers=workers > 0, pin_memory=pin_memory)
 
@@ -77,7 +102,17 @@ class TrainLoader:
         if self.seeded:
             self.sampler.set_seed(seed)
             return self.loader
-        return loader(self.ds, self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        if self.world == 1:
+            return loader(self.ds, self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        # one process's order, dealt to the processes by DistributedSampler: the processes' batches at
+        # step k together are one process's batch k
+        ordered = Subset(self.ds, one_process_order(len(self.ds), seed))
+        from torch.utils.data.distributed import DistributedSampler
+
+        share = DistributedSampler(ordered, num_replicas=self.world, rank=self.rank, shuffle=False, drop_last=True)
+        workers = decode_workers(self.ds)
+        return DataLoader(ordered, batch_size=self.batch_size, drop_last=self.drop_last, sampler=share,
+                          num_workers=workers if len(self.ds) > self.batch_size else 0)
 
     def close(self) -> None:
         """Let the persistent workers go (they end when their DataLoader is released)."""

@@ -18,15 +18,16 @@ class StageNode:
     reads: tuple[str, ...]  # stages whose outputs (when they ran) this one reads
     version: int = 1  # bump when the stage's code changes what it writes
     default: bool = True  # in a recipe's stages unless it names them
+    trains: bool = False  # runs the training loop: every process of a torchrun run takes part
 
 
 GRAPH: tuple[StageNode, ...] = (
-    StageNode("teacher", needs=(), reads=()),
+    StageNode("teacher", needs=(), reads=(), trains=True),
     # added by itself before distill when the distillation method distills through an assistant
-    StageNode("assistant", needs=("teacher",), reads=("teacher",), default=False),
-    StageNode("distill", needs=("teacher",), reads=("teacher", "assistant")),
-    StageNode("prune", needs=("distill",), reads=("teacher", "distill")),
-    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=5),
+    StageNode("assistant", needs=("teacher",), reads=("teacher",), default=False, trains=True),
+    StageNode("distill", needs=("teacher",), reads=("teacher", "assistant"), trains=True),
+    StageNode("prune", needs=("distill",), reads=("teacher", "distill"), trains=True),
+    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=5, trains=True),
     StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=6),
     StageNode("bench", needs=("export",), reads=("export",), version=6),
 )

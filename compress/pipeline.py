@@ -8,22 +8,28 @@ size and sha256 of every file of its folder; a skip checks them, so a damaged fo
 not trusted. One process at a time runs a run folder (``artifacts/<run>/.lock``): a second one waits
 for it. Every run appends its log to ``artifacts/<run>/run.log``. The runner knows stages only through
 the registry and writes no report: whoever runs a pipeline hands ``compress.report`` in as ``finish``,
-which runs while the run is still locked."""
+which runs while the run is still locked.
+
+Under torchrun, every process runs the stages that train (the training loop is data parallel);
+rank 0 alone decides what to skip, holds the lock, writes stage folders, ``run.log`` and the reports,
+and runs the stages that do not train (export, bench) while the others wait at a barrier. The
+others train into a scratch folder of their own that is thrown away, then read rank 0's results."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from compress import __version__, stages
+from compress import __version__, dist, stages
 from compress.config import PipelineConfig
 from compress.context import RunContext, StageResult
 from compress.fsio import damage, locked, manifest, read_json, replace_dir, sha256_json, write_json
@@ -49,6 +55,13 @@ def fingerprint(ctx: RunContext, stage: stages.Stage) -> str:
         ident["version"] = node.version
     if stage.identity is not None:
         ident["extra"] = stage.identity(ctx)
+    if node.trains:  # several processes, or a GPU's autocast, compute something else than one CPU process
+        from compress.train import pick_device
+
+        device = pick_device(getattr(getattr(ctx.cfg, stage.name, None), "device", "auto"))
+        compute = dist.effective(device.type, ctx.cfg.data.batch_size // dist.world())
+        if compute:
+            ident["compute"] = compute
     return sha256_json(ident)
 
 
@@ -85,15 +98,27 @@ def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
     fp = fingerprint(ctx, stage)
     out = ctx.stage_dir(stage.name)
     work = ctx.run_dir / ".work" / f"{stage.name}-{fp[:16]}"
+    if not dist.is_main():
+        return _run_stage_beside(ctx, stage, fp, out, work)
+    reuse = False
     if not ctx.force:
-        ok, why = _reusable(out, fp)
-        if ok:
-            log.info(f"[{stage.name}] unchanged, skipped")
-            if work.exists():  # left by a run killed after the stage's folder was in place
-                shutil.rmtree(work, ignore_errors=True)
-            return StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)
-        if why:
+        reuse, why = _reusable(out, fp)
+        if not reuse and why:
             log.warning(f"[{stage.name}] {why}; recomputing")
+    if stage.node.trains:
+        dist.broadcast(reuse)
+    if reuse:
+        log.info(f"[{stage.name}] unchanged, skipped")
+        if work.exists():  # left by a run killed after the stage's folder was in place
+            shutil.rmtree(work, ignore_errors=True)
+        result = StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)
+    else:
+        result = _run_into(ctx, stage, fp, out, work)
+    dist.barrier()  # the others read the stage folder now
+    return result
+
+
+def _run_into(ctx: RunContext, stage: stages.Stage, fp: str, out: Path, work: Path) -> StageResult:
     tmp = ctx.run_dir / f".tmp-{stage.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -108,6 +133,8 @@ def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     metrics["stage_seconds"] = round(time.perf_counter() - t0, 2)
+    if dist.active():
+        metrics["processes"] = dist.world()
     write_json(tmp / "metrics.json", metrics)
     write_json(tmp / "config.json", ctx.cfg.model_dump(mode="json"))
     write_json(tmp / RECORD, {"stage": stage.name, "fingerprint": fp, "compress_version": __version__,
@@ -117,6 +144,16 @@ def run_stage(ctx: RunContext, stage: stages.Stage) -> StageResult:
         shutil.rmtree(work)
     log.info(f"[{stage.name}] done in {metrics['stage_seconds']:.1f}s")
     return StageResult(stage.name, out, fp, metrics)
+
+
+def _run_stage_beside(ctx: RunContext, stage: stages.Stage, fp: str, out: Path, work: Path) -> StageResult:
+    """A stage on a process other than rank 0: train beside rank 0 into a scratch folder when the
+    stage trains and rank 0 does not skip it, then take rank 0's finished stage folder."""
+    if stage.node.trains and not dist.broadcast(None):
+        with tempfile.TemporaryDirectory(prefix=f"compress-rank{dist.rank()}-{stage.name}-") as scratch:
+            stage.run(ctx, Path(scratch), work)
+    dist.barrier()
+    return StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)
 
 
 def preflight(ctx: RunContext) -> None:
@@ -196,18 +233,22 @@ def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force
     given (0: it refuses at once)."""
     run_dir = artifacts / cfg.name
     ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force)
+    dist.configure(**cfg.compute.model_dump())
     preflight(ctx)
     plan = [stages.get(name) for name in cfg.stages]
-    with run_lock(run_dir, cfg.name, lock_timeout):
-        with run_log(run_dir / "run.log"):
-            log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}")
+    main = dist.is_main()
+    with run_lock(run_dir, cfg.name, lock_timeout) if main else nullcontext():
+        dist.barrier()  # rank 0 holds the run folder
+        with run_log(run_dir / "run.log") if main else nullcontext():
+            log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}"
+                      + (f", {dist.world()} processes" if dist.active() else ""))
             try:
                 for stage in plan:
                     ctx.results[stage.name] = run_stage(ctx, stage)
             except BaseException as e:  # the console gets the CLI's one line; run.log keeps the whole story
                 log.error(f"run stopped: {short(e)}", exc_info=True, extra={FILE_ONLY: True})
                 raise
-        if finish is not None:
+        if finish is not None and main:
             finish(ctx)
     return ctx
 

@@ -2,7 +2,13 @@
 
 Each epoch reseeds every random source from (seed, epoch), so an epoch's result depends only on the
 state at its start; a run killed anywhere resumes from the last finished epoch and ends bit-identical
-to an uninterrupted one (on the same machine and thread count)."""
+to an uninterrupted one (on the same machine and thread count).
+
+Under torchrun (``compress.dist``) the loop is data parallel: the student is wrapped in torch's
+DistributedDataParallel, each process trains on its share of every global batch (``batch_size`` is
+the global batch, split evenly), what an objective trains besides the student (adapters, peers) has
+its gradients averaged too, and rank 0 alone writes the checkpoint, which it hands to the others on
+resume. On CUDA the forward runs under autocast (``compress.dist.options``)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
+from compress import dist
 from compress.errors import CompressError
 from compress.evaluate import TrainLoader, predict
 from compress.fsio import atomic_path, write_bytes
@@ -91,6 +99,9 @@ class Objective(nn.Module):
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """The device to train on; under torchrun on CUDA, this process's own GPU."""
+    if dist.active() and requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
     if requested != "auto":
         ok = {"cpu": True, "cuda": torch.cuda.is_available(),
               "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
@@ -180,6 +191,15 @@ def fit(
 
 def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, batch_size, desc, on_epoch_end,
          on_epoch_start) -> FitResult:
+    world = dist.world()
+    if batch_size % world:
+        raise CompressError(f"{desc}: data.batch_size {batch_size} does not split evenly over {world} processes; "
+                            f"use a multiple of {world}")
+    per_process = batch_size // world
+    hw = dist.hardware_plan(device, per_process)
+    if hw.channels_last:
+        model.to(memory_format=torch.channels_last)
+    restore_batchnorm = dist.sync_batchnorm(model) if hw.sync_bn else None
     optimizer = make_optimizer(nn.ModuleList([model, objective]), cfg)
     mixer = batch_mixer(cfg, _num_classes(train_ds))
     if mixer is not None and not objective.soft_targets:
@@ -188,9 +208,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
     ckpt_path = work_dir / CHECKPOINT
     result = FitResult()
     start = 0
-    if ckpt_path.exists():
+    state = _load_state(ckpt_path, device)  # rank 0 reads it and hands it to the others
+    if state is not None:
         try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=True)
             model.load_state_dict(state["model"])
             objective.load_state_dict(state.get("objective", {}))
             optimizer.load_state_dict(state["optimizer"])
@@ -200,18 +220,33 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         result.resumed_from_epoch = start
         if start:
             log.info(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
+    net = dist.data_parallel(model, objective, device)
     t0 = time.perf_counter()
     n_train = len(train_ds)
-    feed = TrainLoader(train_ds, batch_size, pin_memory=device.type == "cuda")
+    feed = TrainLoader(train_ds, per_process, pin_memory=device.type == "cuda", rank=dist.rank(), world=world)
     try:
-        _epochs(model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, result, start, seed,
-                desc, n_train, on_epoch_end, on_epoch_start)
+        _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, hw, result, start,
+                seed, desc, n_train, on_epoch_end, on_epoch_start)
     finally:
         feed.close()
+        if restore_batchnorm is not None:
+            restore_batchnorm()
+    dist.sync_buffers(model)  # every process leaves with rank 0's model, running statistics included
     result.seconds = time.perf_counter() - t0
     model.eval()
     objective.eval()
     return result
+
+
+def _load_state(path: Path, device: torch.device) -> dict | None:
+    """The checkpoint at ``path`` as rank 0 reads it (None: none, or unreadable), on every process."""
+    state = None
+    if dist.is_main() and path.exists():
+        try:
+            state = torch.load(path, map_location=device if not dist.active() else "cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
+            state = {}
+    return dist.broadcast(state)
 
 
 def _num_classes(ds: Dataset) -> int:
@@ -220,10 +255,14 @@ def _num_classes(ds: Dataset) -> int:
     return int(labels.max()) + 1 if labels is not None and len(labels) else 1
 
 
-def _epochs(model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, result, start, seed, desc,
-            n_train, on_epoch_end, on_epoch_start) -> None:
+def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, hw, result, start, seed,
+            desc, n_train, on_epoch_end, on_epoch_start) -> None:
+    scaler = torch.amp.GradScaler("cuda") if hw.autocast_dtype == torch.float16 else None
     for epoch in range(start, cfg.epochs):
-        seed_everything(_epoch_seed(seed, epoch))
+        # each process its own random stream (augmentation, mixup, dropout: two processes must not draw
+        # the same shifts for their halves of a batch); rank 0's is a one-process run's. The order of
+        # the epoch is one seed for all.
+        seed_everything(_epoch_seed(seed, epoch) + dist.rank() * 1_000_003)
         batches = feed.epoch(_epoch_seed(seed, epoch))
         steps = len(batches)
         model.train()
@@ -237,29 +276,43 @@ def _epochs(model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, de
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, epoch, step, steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if hw.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             if mixer is not None and len(y) % 2 == 0:
                 x, y = mixer(x, y)
-            loss, logits = objective(model, x, y)
+            with torch.autocast(device.type, dtype=hw.autocast_dtype) if hw.autocast_dtype else nullcontext():
+                loss, logits = objective(net, x, y)
             if not torch.isfinite(loss):
                 raise CompressError(f"{desc}: loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                dist.average_gradients(objective)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                dist.average_gradients(objective)
+                optimizer.step()
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == hard_labels(y)).sum())
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        if dist.active():  # the epoch's figures over every process's share
+            total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])
         val_logits, val_y = predict(model, val_ds, device=device)
         row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
                "val_acc": accuracy(val_logits, val_y), "lr": optimizer.param_groups[0]["lr"]}
         result.history.append(row)
         log.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
              f"val_acc {row['val_acc']:.4f} ({n_train} images)")
-        model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        extra_state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
-        _save_state(ckpt_path, {"model": model_state, "objective": extra_state, "optimizer": optimizer.state_dict(),
-                                "epoch": epoch + 1, "history": result.history})
+        if dist.is_main():
+            model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            extra_state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
+            _save_state(ckpt_path, {"model": model_state, "objective": extra_state,
+                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                    "history": result.history})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
 

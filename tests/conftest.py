@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import subprocess
@@ -20,8 +21,11 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    # one thread: on a shared 2-core machine, torch's threads in several processes fight for the cores
+    # (a sweep took 300 s with every thread and 26 s with one)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run([sys.executable, "-m", "compress", *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture

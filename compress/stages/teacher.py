@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from compress import dist
 from compress.context import RunContext
 from compress.distill import HintonKD, logit_objective
 from compress.errors import CompressError
@@ -102,11 +104,14 @@ def train_teacher(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[to
     cached, metrics). The cache entry is locked while it is trained and stored."""
     key = cache_key(ctx, name)
     cache = ctx.cache_dir / "teachers" / key
-    with locked(cache.with_name(f"{key}.lock"), f"teacher cache entry {key[:12]} ({name})"):
-        if not ctx.force and (cached := _from_cache(cache, out, name)) is not None:
-            return None, cached
+    main = dist.is_main()  # under torchrun rank 0 alone reads and writes the cache; the others follow it
+    with locked(cache.with_name(f"{key}.lock"), f"teacher cache entry {key[:12]} ({name})") if main else nullcontext():
+        cached = _from_cache(cache, out, name) if main and not ctx.force else None
+        if dist.broadcast(cached is not None):
+            return None, cached if main else {}
         model, info = _train(ctx, name, out, work)
-        _store_cache(out, info, cache)
+        if main:
+            _store_cache(out, info, cache)
     return model, {**info, "cached": False}
 
 

@@ -1,0 +1,113 @@
+"""Training on several processes through torchrun (gloo on CPU): the data-parallel loop matches one
+process, and a 2-process pipeline distills, resumes after a kill and skips what it finished."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _env() -> dict:
+    # one thread per process: two processes share the machine's cores
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """KD on in-memory data and on data served by seeded keys: two processes with half the batch
+    each end with the weights of one process with the whole batch (up to float summation order),
+    and with the same weights as each other."""
+    script = ROOT / "tests" / "ddp_fit.py"
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*TORCHRUN, str(script), str(tmp_path / "two")], env=_env(), capture_output=True,
+                         text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for kind in ("memory", "keyed"):
+        alone = torch.load(tmp_path / "one" / f"rank0-{kind}.pt")
+        rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}-{kind}.pt") for r in (0, 1))
+        for k, v in alone.items():
+            assert torch.equal(rank0[k], rank1[k]), (kind, k)
+            assert torch.allclose(rank0[k], v, atol=1e-6, rtol=1e-5), (kind, k, (rank0[k] - v).abs().max())
+        # the checkpoint rank 0 wrote holds both epochs
+        assert torch.load(tmp_path / "two" / f"work-{kind}" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def _pipeline(recipe: Path, artifacts: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([*TORCHRUN, "-m", "compress", "pipeline", str(recipe), "--artifacts", str(artifacts)],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _finish(p: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def test_two_process_pipeline_resumes_after_a_kill_and_skips_when_done(tiny_recipe, tmp_path):
+    recipe = tiny_recipe(stages=["teacher", "distill"], distill={"epochs": 4})
+    code, out, err = _finish(_pipeline(recipe, tmp_path / "whole"))
+    assert code == 0, err[-3000:]
+    run = tmp_path / "whole" / "tiny"
+    whole = json.loads((run / "distill" / "metrics.json").read_text())
+    assert whole["processes"] == 2 and len(whole["history"]) == 4
+    assert out.count("run tiny:") == 1  # rank 0 alone prints the report
+    assert not list(run.glob(".tmp-*"))
+
+    # killed (every process) once distillation has written its first epoch, then rerun
+    p = _pipeline(recipe, tmp_path / "killed")
+    deadline = time.time() + 240
+    while not list((tmp_path / "killed" / "tiny" / ".work").glob("distill-*/last.pt")):
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    for pid in _children(p.pid) + [p.pid]:  # torchrun starts each worker in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+    code, _, err = _finish(_pipeline(recipe, tmp_path / "killed"))
+    assert code == 0, err[-3000:]
+    log = (tmp_path / "killed" / "tiny" / "run.log").read_text()
+    assert "resuming after epoch" in log and "[teacher] unchanged, skipped" in log
+    resumed = json.loads((tmp_path / "killed" / "tiny" / "distill" / "metrics.json").read_text())
+    assert resumed["resumed_from_epoch"] >= 1
+    assert [r["val_acc"] for r in resumed["history"]] == [r["val_acc"] for r in whole["history"]]
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+    same = (tmp_path / "killed" / "tiny" / "distill" / "model.safetensors").read_bytes()
+    assert same == (run / "distill" / "model.safetensors").read_bytes()
+
+    # the same command again: rank 0 finds every stage done and every process skips it
+    code, _, err = _finish(_pipeline(recipe, tmp_path / "whole"))
+    assert code == 0, err[-3000:]
+    assert (run / "run.log").read_text().count("[distill] unchanged, skipped") == 1
+
+
+def test_only_the_pipeline_runs_under_torchrun(tmp_path):
+    env = {**_env(), "WORLD_SIZE": "2", "RANK": "0"}
+    r = subprocess.run([sys.executable, "-m", "compress", "compare", "pipelines/methods.yaml"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("compress: error: only 'compress pipeline' runs under torchrun; "
+                                "run 'compress compare' as one process")
