@@ -79,6 +79,12 @@ class DistillConfig(TrainConfig):
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term of eq. (1)")
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     params: dict[str, Any] = Field({}, description="the method's own settings; see compress methods")
+    teacher_cache: bool = Field(True, description="store the teacher's logits of every training batch once "
+                                "(float16, in <artifacts>/.cache/teacher_logits/) and read them in every later "
+                                "run with the same teacher, data, seed and batch plan; methods that need the "
+                                "teacher's features or have no teacher never use it")
+    teacher_cache_topk: int | None = Field(None, ge=1, description="store only the k largest logits of each "
+                                           "image; the others are read back as their mean")
 
     _student = field_validator("student")(_model_name)
     _pretrained = field_validator("pretrained", "assistant_pretrained", mode="before")(lambda cls, v: _pretrained(v))

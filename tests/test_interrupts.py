@@ -36,9 +36,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STAGES = ["teacher", "distill", "export"]
 INTERRUPTED = "compress: interrupted; rerun the same command to resume"
 # what differs between equal runs: timings, and how a result was reached (from the teacher cache,
-# resumed from a checkpoint)
+# resumed from a checkpoint, with the teacher's logits read from the teacher-output cache)
 VOLATILE = ("seconds", "latency", "_ms", "throughput", "memory")
-HOW = {"source", "cached", "resumed_from_epoch"}
+HOW = {"source", "cached", "resumed_from_epoch", "teacher_cache"}
 
 
 def tiny(folder: Path, name: str = "tiny", stages: list[str] = STAGES) -> Path:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 
 from compress.distill import losses as L
+from compress.distill.cache import TeacherLogitCache
 from compress.distill.taps import EMBEDDING, Taps, feature_points, match_points, probe
 from compress.errors import CompressError
 from compress.train import Objective as TrainingObjective
@@ -43,6 +44,9 @@ class Objective(TrainingObjective):
     name: ClassVar[str] = ""
     teachers: ClassVar[Literal["none", "one", "many"]] = "one"
     uses_assistant: ClassVar[bool] = False
+    #: whether the teachers' logits are all the method needs of them (no feature taps, teachers frozen):
+    #: only such methods may read the teachers' outputs from a :class:`TeacherLogitCache`
+    logit_only: ClassVar[bool] = False
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, params: Params | None = None, alpha: float = 0.9, temperature: float = 4.0,
@@ -52,6 +56,7 @@ class Objective(TrainingObjective):
         self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
         self._teachers: list[nn.Module] = []
         self._taps: list[Taps] = []
+        self._caches: list[TeacherLogitCache] = []
         self.ramp = 1.0  # weight of the knowledge term, ramped up over params.warmup_epochs when a method has it
 
     @property
@@ -84,19 +89,34 @@ class Objective(TrainingObjective):
         linearly from 1/w to 1 over the first w = ``params.warmup_epochs`` epochs."""
         w = getattr(self.p, "warmup_epochs", 0)
         self.ramp = 1.0 if w == 0 else min(1.0, (epoch + 1) / w)
+        for cache in self._caches:
+            cache.start_epoch(epoch)
+
+    def use_teacher_cache(self, caches: list[TeacherLogitCache]) -> None:
+        """Answer ``teacher_logits(x, i)`` through ``caches[i]`` (one per teacher) from now on."""
+        if not self.logit_only:
+            raise ValueError(f"method {self.name!r} needs more of its teachers than their logits")
+        if len(caches) != len(self._teachers):
+            raise ValueError(f"{len(caches)} teacher caches for {len(self._teachers)} teachers")
+        self._caches = list(caches)
 
     def candidates(self) -> list[nn.Module]:
         """Models trained beside the student that may replace it afterwards (mutual learning's peers)."""
         return []
 
     def release(self) -> None:
-        """Remove every hook this method put on the student and teachers."""
+        """Remove every hook this method put on the student and teachers; store what the teacher
+        caches computed of the current epoch (all of it, or as far as an interrupted one got)."""
         for t in self._taps:
             t.remove()
         self._taps.clear()
+        for cache in self._caches:
+            cache.flush()
 
     def teacher_logits(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
         with torch.no_grad():
+            if self._caches:
+                return self._caches[index].logits(x, self._teachers[index])
             return self._teachers[index](x)
 
     def forward(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +185,7 @@ class KD(Objective):
     Knowledge in a Neural Network", 2015. α and T are ``distill.alpha`` and ``distill.temperature``."""
 
     name = "kd"
+    logit_only = True
     Params = LogitParams
 
     def forward(self, student, x, y):
@@ -183,6 +204,7 @@ class Consistent(Objective):
     ("A good teacher is patient and consistent"). ``distill.alpha`` is not used."""
 
     name = "consistent"
+    logit_only = True
     Params = LogitParams
 
     def forward(self, student, x, y):
@@ -208,6 +230,7 @@ class DKD(Objective):
     (its ImageNet setting: α = β = 0.5, T = 1)."""
 
     name = "dkd"
+    logit_only = True
     Params = DKDParams
     soft_targets = False
 
@@ -246,6 +269,7 @@ class MultiTeacher(Objective):
     ``params.weights`` says otherwise); the teachers are the pipeline's plus ``params.teachers``."""
 
     name = "multi_teacher"
+    logit_only = True
     teachers = "many"
     Params = MultiTeacherParams
 
@@ -276,6 +300,7 @@ class TeacherAssistant(Objective):
     student from the assistant: L = (1 − α)·CE(y, s) + α·T²·KL(σ(a/T) ‖ σ(s/T)), a the assistant's logits."""
 
     name = "ta"
+    logit_only = True
     uses_assistant = True
     Params = TAParams
 
@@ -526,6 +551,7 @@ class LogitLoss(Objective):
     build it with :func:`logit_objective`."""
 
     name = "logit_loss"
+    logit_only = True
 
     def __init__(self, loss: L.DistillLoss):
         super().__init__()

@@ -21,9 +21,10 @@ from compress.train import fit, seed_everything
 
 def config(ctx: RunContext) -> dict:
     """The assistant's name and starting weights and the distill section's training settings (not the
-    student's)."""
+    student's, nor the teacher-output cache's: the assistant learns from the live teacher)."""
     d = ctx.cfg.distill
-    student_only = ("student", "method", "params", "pretrained", "assistant_pretrained")
+    student_only = ("student", "method", "params", "pretrained", "assistant_pretrained", "teacher_cache",
+                    "teacher_cache_topk")
     train = {k: v for k, v in d.model_dump(mode="json").items() if k not in student_only}
     return {"assistant": d.method_params().assistant, "pretrained": d.assistant_pretrained, **train}
 

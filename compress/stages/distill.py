@@ -5,7 +5,9 @@ mutual learning start from scratch).
 Reads: ``teacher/model.safetensors`` (and ``teacher/teachers/*`` for multi-teacher KD, or
 ``assistant/model.safetensors`` for ``ta``).
 Writes: ``model.safetensors`` + ``model.json`` of the student (with ``dml``, the peer best on the
-validation split), and the review's metrics against the teacher (eqs. 6-9) in ``metrics.json``."""
+validation split), and the review's metrics against the teacher (eqs. 6-9) in ``metrics.json``; for a
+method that needs only the teachers' logits (``distill.teacher_cache``), the teachers' logits of every
+training batch in ``<artifacts>/.cache/teacher_logits/<key>/`` (read instead when already there)."""
 
 from __future__ import annotations
 
@@ -14,31 +16,78 @@ from pathlib import Path
 
 import torch
 
+from compress import dist
 from compress import metrics as M
 from compress.context import RunContext
 from compress.distill import METHODS, Objective, build_method
+from compress.distill.cache import TeacherLogitCache, entry_key
 from compress.evaluate import predict
+from compress.fsio import read_json, sha256_file
 from compress.models import create_model, load_checkpoint, resolve_name, save_checkpoint
 from compress.stages import register
 from compress.stages.common import (MODEL_FILE, extra_teachers, load_stage_model, model_meta, pretrained_identity,
                                     pretrained_source, review)
-from compress.train import fit, seed_everything
+from compress.train import fit, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def load_teachers(ctx: RunContext, teacher: torch.nn.Module) -> list[torch.nn.Module]:
-    """The teachers the distillation method learns from: ``teacher`` (the pipeline's, already loaded)
-    first, or the assistant."""
+def teacher_files(ctx: RunContext) -> list[Path]:
+    """The checkpoints of the teachers the distillation method learns from: the pipeline's teacher
+    first, then the extra teachers; or the assistant."""
     kind = METHODS[ctx.cfg.distill.method]
     if kind.teachers == "none":
         return []
     if kind.uses_assistant:
-        return [load_stage_model(ctx, "assistant")]
-    teachers = [teacher]
-    for extra in extra_teachers(ctx):
-        teachers.append(load_checkpoint(ctx.stage_dir("teacher") / "teachers" / extra / MODEL_FILE)[0])
-    return teachers
+        return [ctx.stage_dir("assistant") / MODEL_FILE]
+    folder = ctx.stage_dir("teacher")
+    return [folder / MODEL_FILE] + [folder / "teachers" / extra / MODEL_FILE for extra in extra_teachers(ctx)]
+
+
+def load_teachers(ctx: RunContext, teacher: torch.nn.Module) -> list[torch.nn.Module]:
+    """The models of :func:`teacher_files`, ``teacher`` (the pipeline's, already loaded) not loaded again."""
+    main = ctx.stage_dir("teacher") / MODEL_FILE
+    return [teacher if f == main else load_checkpoint(f)[0] for f in teacher_files(ctx)]
+
+
+def teacher_cache_identity(ctx: RunContext, teacher_file: Path) -> dict:
+    """What one teacher's logits on the training batches depend on: the teacher (its weights and
+    architecture by content, so the assistant of ``ta`` and each teacher of ``multi_teacher`` have
+    their own entry, and the pipeline's teacher the same one whatever the method), the data, the seed
+    and the batch plan: the global batch size and the processes sharing it, the training images, the
+    batch mixing and the device. The student, the method and the number of epochs (one file each) are
+    not part of it. :func:`compress.distill.cache.entry_key` adds the format and library versions."""
+    cfg = ctx.cfg.distill
+    meta = teacher_file.with_suffix(".json")
+    plan = {"batch_size": ctx.cfg.data.batch_size, "world": dist.world(), "train_images": len(ctx.data.train),
+            "device": pick_device(cfg.device).type, "mixup": cfg.mixup, "cutmix": cfg.cutmix,
+            "mixup_prob": cfg.mixup_prob, "mixup_switch_prob": cfg.mixup_switch_prob}
+    teacher = {"model": read_json(meta)["model"], "weights_sha256": sha256_file(teacher_file),
+               "meta_sha256": sha256_file(meta)}
+    return {"teacher": teacher, "data": ctx.data_identity(), "seed": ctx.cfg.seed, "plan": plan,
+            "topk": cfg.teacher_cache_topk}
+
+
+def attach_teacher_cache(ctx: RunContext, objective: Objective) -> tuple[list[TeacherLogitCache], str | None]:
+    """Let ``objective`` read its teachers' logits from the cache, one entry per teacher; returns the
+    caches, or none and why the cache is not used (off in the recipe, no teacher, or a method that
+    needs the teachers' features). ``--force`` computes and stores the entries again."""
+    cfg = ctx.cfg.distill
+    files = teacher_files(ctx)
+    why = ("off in the recipe (distill.teacher_cache: false)" if not cfg.teacher_cache
+           else f"{cfg.method} has no teacher" if not files
+           else f"{cfg.method} needs more of the teacher than its logits" if not objective.logit_only else None)
+    if why is not None:
+        log.info(f"[distill] teacher-output cache not used: {why}")
+        return [], why
+    caches = []
+    for f in files:
+        ident = teacher_cache_identity(ctx, f)
+        caches.append(TeacherLogitCache(ctx.cache_dir / "teacher_logits" / entry_key(ident),
+                                        topk=cfg.teacher_cache_topk, rank=dist.rank(), world=dist.world(),
+                                        read=not ctx.force, describe=ident))
+    objective.use_teacher_cache(caches)
+    return caches, None
 
 
 def identity(ctx: RunContext) -> dict:
@@ -65,8 +114,11 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
                              label_smoothing=cfg.label_smoothing)
     objective.bind(student, load_teachers(ctx, teacher), image_size=data.image_size, train_ds=data.train,
                    make_model=make_model, student_name=name)
+    caches, not_used = attach_teacher_cache(ctx, objective)
     result = fit(student, data.train, data.val, cfg, objective, work, seed=ctx.cfg.seed,
                  batch_size=ctx.cfg.data.batch_size, desc=f"distill {name} ({cfg.method})")
+    for cache in caches:
+        log.info(f"[distill] {cache.summary()}")
     info: dict = {}
     if objective.candidates():  # mutual learning: continue with the chosen peer
         student, name, info = _choose_peer(ctx, objective, student, name)
@@ -87,6 +139,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         **info,
         **review(ctx, teacher, student),
         "history": result.history,
+        "teacher_cache": {"entries": [{"key": c.key, **c.stats} for c in caches]} if caches else {"not_used": not_used},
         "resumed_from_epoch": result.resumed_from_epoch,
         "train_seconds": round(result.seconds, 2),
         "seconds_per_epoch": round(result.seconds / max(1, cfg.epochs - result.resumed_from_epoch), 3),
