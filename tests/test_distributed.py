@@ -76,6 +76,9 @@ def test_two_process_pipeline_resumes_after_a_kill_and_skips_when_done(tiny_reci
     assert whole["processes"] == 2 and len(whole["history"]) == 4
     assert out.count("run tiny:") == 1  # rank 0 alone prints the report
     assert not list(run.glob(".tmp-*"))
+    # the teacher-output cache: each process stores its share of every epoch
+    stored = sorted(p.name for p in (tmp_path / "whole" / ".cache" / "teacher_logits").glob("*/epoch*.safetensors"))
+    assert stored == [f"epoch{e:05d}.rank{r}of2.safetensors" for e in range(4) for r in range(2)], stored
 
     # killed (every process) once distillation has written its first epoch, then rerun
     p = _pipeline(recipe, tmp_path / "killed")
