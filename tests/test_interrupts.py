@@ -30,7 +30,7 @@ from conftest import ROOT, write_tiny_recipe
 
 pytestmark = pytest.mark.e2e
 
-KILLS = int(os.environ.get("COMPRESS_KILLS", "3"))
+KILLS = int(os.environ.get("COMPRESS_KILLS", "2"))
 KILL_SEED = int(os.environ.get("COMPRESS_KILL_SEED", "0"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 STAGES = ["teacher", "distill", "export"]
