@@ -15,7 +15,6 @@ file or from the teacher, so a run that fills the cache and one that reads it tr
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -176,7 +175,7 @@ class TeacherLogitCache:
         if not path.is_file():
             return []
         try:
-            steps, self._classes = _parse(path.read_bytes(), {"format": str(FORMAT), "key": self.key,
+            steps, self._classes = _parse(path, {"format": str(FORMAT), "key": self.key,
                                           "epoch": str(epoch), "rank": str(self.rank), "world": str(self.world),
                                           "topk": str(self.topk)})
         except (Damaged, OSError) as e:
@@ -198,15 +197,15 @@ def _payload_hash(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _parse(data: bytes, expect: dict[str, str]) -> tuple[list[tuple[torch.Tensor, Encoded]], int]:
-    """The steps of a cache file's bytes and its number of classes; raises :class:`Damaged` unless the
-    file is whole, unaltered and of the entry, epoch and rank in ``expect``."""
-    from safetensors.torch import load
+def _parse(path: Path, expect: dict[str, str]) -> tuple[list[tuple[torch.Tensor, Encoded]], int]:
+    """The steps of a cache file and its number of classes; raises :class:`Damaged` unless the file
+    is whole, unaltered and of the entry, epoch and rank in ``expect``."""
+    from safetensors import safe_open
 
     try:
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
-        tensors = load(data)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # noqa: BLE001 - a torn or altered file fails in the parser's own ways
         raise Damaged(f"unreadable: {str(e)[:80]}") from None
     for k, v in expect.items():
