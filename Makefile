@@ -8,6 +8,8 @@ MODEL  ?= mobilenet
 ARGS   ?=
 NPROC  ?= 1
 CONSTRAINTS ?= constraints.txt
+# pytest-xdist workers for make test (auto: one per core); each test file runs whole on one worker
+TEST_WORKERS ?= auto
 
 .PHONY: pipeline compare sweep test smoke venv clean
 
@@ -32,7 +34,7 @@ sweep: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 smoke: $(STAMP)
 	$(VENV)/bin/compress pipeline pipelines/smoke.yaml --artifacts $(or $(ARTIFACTS),artifacts) $(ARGS)

@@ -81,8 +81,9 @@ class DistillConfig(TrainConfig):
     params: dict[str, Any] = Field({}, description="the method's own settings; see compress methods")
     teacher_cache: bool = Field(True, description="store the teacher's logits of every training batch once "
                                 "(float16, in <artifacts>/.cache/teacher_logits/) and read them in every later "
-                                "run with the same teacher, data, seed and batch plan; methods that need the "
-                                "teacher's features or have no teacher never use it")
+                                "run with the same teacher, data, seed and batch plan (the KD fine-tuning of "
+                                "prune and quantize too); methods that need the teacher's features or have no "
+                                "teacher never use it")
     teacher_cache_topk: int | None = Field(None, ge=1, description="store only the k largest logits of each "
                                            "image; the others are read back as their mean")
 

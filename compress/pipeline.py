@@ -150,7 +150,8 @@ def _run_stage_beside(ctx: RunContext, stage: stages.Stage, fp: str, out: Path, 
     """A stage on a process other than rank 0: train beside rank 0 into a scratch folder when the
     stage trains and rank 0 does not skip it, then take rank 0's finished stage folder."""
     if stage.node.trains and not dist.broadcast(None):
-        with tempfile.TemporaryDirectory(prefix=f"compress-rank{dist.rank()}-{stage.name}-") as scratch:
+        # in the run folder, so that rank 0 clears it (a ``.tmp-*`` leftover) if this process is killed
+        with tempfile.TemporaryDirectory(prefix=f".tmp-{stage.name}-rank{dist.rank()}-", dir=ctx.run_dir) as scratch:
             stage.run(ctx, Path(scratch), work)
     dist.barrier()
     return StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)

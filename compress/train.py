@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from compress import dist
 from compress.errors import CompressError
@@ -301,9 +301,8 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         if dist.active():  # the epoch's figures over every process's share
             total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])
-        val_logits, val_y = predict(model, val_ds, device=device)
         row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
-               "val_acc": accuracy(val_logits, val_y), "lr": optimizer.param_groups[0]["lr"]}
+               "val_acc": _val_accuracy(model, val_ds, device), "lr": optimizer.param_groups[0]["lr"]}
         result.history.append(row)
         log.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
              f"val_acc {row['val_acc']:.4f} ({n_train} images)")
@@ -315,6 +314,21 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
                                     "history": result.history})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
+
+
+def _val_accuracy(model: nn.Module, val_ds: Dataset, device: torch.device) -> float:
+    """Accuracy of rank 0's model on the validation split. Under several processes each evaluates
+    every world-th image with rank 0's running statistics, and the counts are summed."""
+    if not dist.active():
+        return accuracy(*predict(model, val_ds, device=device))
+    dist.sync_buffers(model)  # each process's BatchNorm statistics moved with its own last batch
+    share = Subset(val_ds, range(dist.rank(), len(val_ds), dist.world()))
+    correct = 0
+    if len(share):
+        logits, targets = predict(model, share, device=device)
+        correct = int((logits.argmax(1) == targets).sum())
+    correct, seen = dist.all_sum([correct, len(share)])
+    return correct / seen if seen else float("nan")
 
 
 def _progress(it, desc: str):

@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py, alone or under torchrun: two epochs of KD for a tiny student on
 tiny data through the one training loop, once on in-memory data and once on data served by seeded
-keys (as image folders are); each process saves its final students as ``OUT/rank<R>-<data>.pt``.
+keys (as image folders are); each process saves its final students as ``OUT/rank<R>-<data>.pt`` and
+the validation accuracy of each epoch as ``OUT/rank<R>-<data>.json``.
 
     python tests/ddp_fit.py OUT
     torchrun --standalone --nproc_per_node=2 tests/ddp_fit.py OUT
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -54,8 +56,9 @@ def main(out: Path) -> None:
         teacher, student = tiny_net(1), tiny_net(2)
         kd = build_method("kd", {}, alpha=0.9, temperature=4.0).bind(student, [teacher], image_size=8)
         cfg = TrainConfig(epochs=2, lr=0.1, warmup_epochs=0, device="cpu")
-        fit(student, train, val, cfg, kd, out / f"work-{kind}", seed=0, batch_size=16, desc=f"tiny kd ({kind})")
+        result = fit(student, train, val, cfg, kd, out / f"work-{kind}", seed=0, batch_size=16, desc=f"tiny kd ({kind})")
         torch.save(student.state_dict(), out / f"rank{dist.rank()}-{kind}.pt")
+        (out / f"rank{dist.rank()}-{kind}.json").write_text(json.dumps([r["val_acc"] for r in result.history]))
     dist.shutdown()
 
 

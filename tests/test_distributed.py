@@ -40,6 +40,9 @@ def test_two_processes_train_as_one(tmp_path):
         for k, v in alone.items():
             assert torch.equal(rank0[k], rank1[k]), (kind, k)
             assert torch.allclose(rank0[k], v, atol=1e-6, rtol=1e-5), (kind, k, (rank0[k] - v).abs().max())
+        # each process validates its share of the split; the summed counts give one process's figure
+        accs = [json.loads((tmp_path / d / f"rank{r}-{kind}.json").read_text()) for d, r in (("one", 0), ("two", 0), ("two", 1))]
+        assert accs[0] == accs[1] == accs[2] and len(accs[0]) == 2, accs
         # the checkpoint rank 0 wrote holds both epochs
         assert torch.load(tmp_path / "two" / f"work-{kind}" / "last.pt", weights_only=True)["epoch"] == 2
 
@@ -90,8 +93,11 @@ def test_two_process_pipeline_resumes_after_a_kill_and_skips_what_is_done(tiny_r
     for pid in _children(p.pid) + [p.pid]:  # torchrun starts each worker in a session of its own
         os.kill(pid, signal.SIGKILL)
     p.wait()
+    # rank 1's scratch folder of the killed stage lies in the run folder, and the rerun clears it
+    assert list((tmp_path / "killed" / "tiny").glob(".tmp-distill-rank1-*"))
     code, _, err = _finish(_pipeline(recipe, tmp_path / "killed"))
     assert code == 0, err[-3000:]
+    assert not list((tmp_path / "killed" / "tiny").glob(".tmp-*"))
     log = (tmp_path / "killed" / "tiny" / "run.log").read_text()
     # rank 0 found the teacher done and every process skipped it; distillation resumed
     assert "resuming after epoch" in log and "[teacher] unchanged, skipped" in log

@@ -3,6 +3,7 @@ fills it and one that reads it train bit-identically without a teacher forward, 
 and foreign batches never trusted, methods that need more than logits never cached, keys that change
 with the batch plan."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -244,11 +245,12 @@ def test_feature_and_teacherless_methods_never_use_the_cache(tmp_path, method, w
 
 def test_key_changes_with_seed_batch_size_teacher_and_topk_not_with_student_or_method(tmp_path):
     from compress.distill.cache import entry_key
-    from compress.stages.distill import teacher_cache_identity
+    from compress.stages.common import teacher_cache_identity
 
     def key(**overrides):
         ctx = _ctx(tmp_path, **overrides)
-        return entry_key(teacher_cache_identity(ctx, ctx.stage_dir("teacher") / "model.safetensors"))
+        return entry_key(teacher_cache_identity(ctx, ctx.stage_dir("teacher") / "model.safetensors",
+                                                ctx.cfg.distill, ctx.cfg.seed))
 
     base = key()
     assert key(seed=1) != base
@@ -289,3 +291,38 @@ def test_pipeline_runs_share_the_teachers_logits_across_students_and_methods(tmp
     assert second == [{**first[0], "steps_read": 2, "steps_computed": 0}]
     assert run("fitnets", method="fitnets") == {"not_used": "fitnets needs more of the teacher than its logits"}
     assert [p.name for p in (tmp_path / "art" / ".cache" / "teacher_logits").iterdir()] == [first[0]["key"]]
+
+
+def test_prune_and_qat_read_the_entry_distillation_stored(tmp_path):
+    """Prune's first fine-tuning step and QAT train with the recipe's seed and batch plan, as distill
+    does: they read its stored logits; prune's later steps (seeds of their own) store entries of
+    their own; with the cache off they use the live teacher and their fingerprints change."""
+    from compress.pipeline import fingerprint, run_pipeline
+    from compress.stages import get
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.safetensors"
+    save_checkpoint(create_model("mobilenetv3_small_050", 10), teacher, {"model": "mobilenetv3_small_050"})
+    raw = {"name": "kdq", "seed": 0, "stages": ["teacher", "distill", "prune", "quantize"],
+           "data": {"dataset": "digits", "image_size": 16, "batch_size": 512},  # 2 batches an epoch
+           "teacher": {"model": "mobilenetv3_small_050", "checkpoint": str(teacher)},
+           "distill": {"student": "mobilenetv2_035", "epochs": 2, "lr": 0.01},
+           "prune": {"iterative_steps": 2, "epochs": 1, "final_epochs": 1, "macs_target": 0.6},
+           "quantize": {"epochs": 2}}
+    ctx = run_pipeline(validate_recipe(raw), artifacts=tmp_path / "art")
+    distilled = ctx.results["distill"].metrics["teacher_cache"]["entries"][0]
+    assert (distilled["steps_computed"], distilled["steps_read"]) == (4, 0)
+    step1, step2 = (s["teacher_cache"] for s in ctx.results["prune"].metrics["steps"])
+    assert step1 == {**distilled, "steps_read": 2, "steps_computed": 0}
+    assert step2["key"] != distilled["key"] and (step2["steps_read"], step2["steps_computed"]) == (0, 4)
+    assert ctx.results["quantize"].metrics["teacher_cache"] == {**distilled, "steps_read": 4, "steps_computed": 0}
+
+    off = validate_recipe({**raw, "distill": {**raw["distill"], "teacher_cache": False}})
+    live = run_pipeline(off, artifacts=tmp_path / "art")
+    assert all("teacher_cache" not in s for s in live.results["prune"].metrics["steps"])
+    assert live.results["quantize"].metrics["teacher_cache"] is None
+    # the switch itself enters their fingerprints (not only through distill's, upstream)
+    flipped = dataclasses.replace(ctx, cfg=off)
+    for stage in ("prune", "quantize"):
+        assert fingerprint(ctx, get(stage)) == ctx.results[stage].fingerprint
+        assert fingerprint(flipped, get(stage)) != ctx.results[stage].fingerprint

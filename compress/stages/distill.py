@@ -16,18 +16,16 @@ from pathlib import Path
 
 import torch
 
-from compress import dist
 from compress import metrics as M
 from compress.context import RunContext
 from compress.distill import METHODS, Objective, build_method
-from compress.distill.cache import TeacherLogitCache, entry_key
+from compress.distill.cache import TeacherLogitCache
 from compress.evaluate import predict
-from compress.fsio import read_json, sha256_file
 from compress.models import create_model, load_checkpoint, resolve_name, save_checkpoint
 from compress.stages import register
 from compress.stages.common import (MODEL_FILE, extra_teachers, load_stage_model, model_meta, pretrained_identity,
-                                    pretrained_source, review)
-from compress.train import fit, pick_device, seed_everything
+                                    pretrained_source, review, teacher_logit_cache)
+from compress.train import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -50,24 +48,6 @@ def load_teachers(ctx: RunContext, teacher: torch.nn.Module) -> list[torch.nn.Mo
     return [teacher if f == main else load_checkpoint(f)[0] for f in teacher_files(ctx)]
 
 
-def teacher_cache_identity(ctx: RunContext, teacher_file: Path) -> dict:
-    """What one teacher's logits on the training batches depend on: the teacher (its weights and
-    architecture by content, so the assistant of ``ta`` and each teacher of ``multi_teacher`` have
-    their own entry, and the pipeline's teacher the same one whatever the method), the data, the seed
-    and the batch plan: the global batch size and the processes sharing it, the training images, the
-    batch mixing and the device. The student, the method and the number of epochs (one file each) are
-    not part of it. :func:`compress.distill.cache.entry_key` adds the format and library versions."""
-    cfg = ctx.cfg.distill
-    meta = teacher_file.with_suffix(".json")
-    plan = {"batch_size": ctx.cfg.data.batch_size, "world": dist.world(), "train_images": len(ctx.data.train),
-            "device": pick_device(cfg.device).type, "mixup": cfg.mixup, "cutmix": cfg.cutmix,
-            "mixup_prob": cfg.mixup_prob, "mixup_switch_prob": cfg.mixup_switch_prob}
-    teacher = {"model": read_json(meta)["model"], "weights_sha256": sha256_file(teacher_file),
-               "meta_sha256": sha256_file(meta)}
-    return {"teacher": teacher, "data": ctx.data_identity(), "seed": ctx.cfg.seed, "plan": plan,
-            "topk": cfg.teacher_cache_topk}
-
-
 def attach_teacher_cache(ctx: RunContext, objective: Objective) -> tuple[list[TeacherLogitCache], str | None]:
     """Let ``objective`` read its teachers' logits from the cache, one entry per teacher; returns the
     caches, or none and why the cache is not used (off in the recipe, no teacher, or a method that
@@ -80,12 +60,7 @@ def attach_teacher_cache(ctx: RunContext, objective: Objective) -> tuple[list[Te
     if why is not None:
         log.info(f"[distill] teacher-output cache not used: {why}")
         return [], why
-    caches = []
-    for f in files:
-        ident = teacher_cache_identity(ctx, f)
-        caches.append(TeacherLogitCache(ctx.cache_dir / "teacher_logits" / entry_key(ident),
-                                        topk=cfg.teacher_cache_topk, rank=dist.rank(), world=dist.world(),
-                                        read=not ctx.force, describe=ident))
+    caches = [teacher_logit_cache(ctx, f, cfg, ctx.cfg.seed) for f in files]
     objective.use_teacher_cache(caches)
     return caches, None
 

@@ -1,6 +1,8 @@
 """Stage ``prune``: structured pruning of the distilled student (``compress.prune``: torch-pruning's
 dependency graph; ShuffleNet's branches on their own), in ``prune.iterative_steps`` steps to a MACs
-budget or a channel ratio, each step followed by KD fine-tuning from the teacher.
+budget or a channel ratio, each step followed by KD fine-tuning from the teacher (its logits read
+through the teacher-output cache when ``distill.teacher_cache`` is on: the first step shares
+distill's entry).
 
 Reads: ``distill/model.safetensors``, ``teacher/model.safetensors``.
 Writes: ``model.safetensors`` + ``model.json`` with the pruned architecture (``arch``: the channel
@@ -23,7 +25,7 @@ from compress.evaluate import loader, predict
 from compress.errors import short
 from compress.models import apply_architecture, architecture, save_checkpoint
 from compress.stages import register
-from compress.stages.common import MODEL_FILE, load_stage_model, model_meta
+from compress.stages.common import MODEL_FILE, kd_teacher_cache, load_stage_model, model_meta, teacher_cache_setting
 from compress.train import fit, seed_everything
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@register("prune", probe=probe, probe_does="pruned")
+@register("prune", identity=teacher_cache_setting, probe=probe, probe_does="pruned")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.prune, ctx.data
     name = ctx.metrics("distill")["model"]
@@ -137,11 +139,16 @@ def _steps(ctx: RunContext, model: torch.nn.Module, teacher: torch.nn.Module, pl
                "accuracy_after_pruning": M.accuracy(pruned_logits, targets)}
         last = i == cfg.iterative_steps - 1
         step_cfg = cfg.model_copy(update={"epochs": cfg.epochs + (cfg.final_epochs if last else 0)})
-        fit(model, data.train, data.val, step_cfg, logit_objective(loss, model, teacher), work / f"step{i + 1}",
+        objective = logit_objective(loss, model, teacher)
+        cache = kd_teacher_cache(ctx, objective, step_cfg, ctx.cfg.seed + i)
+        fit(model, data.train, data.val, step_cfg, objective, work / f"step{i + 1}",
             seed=ctx.cfg.seed + i, batch_size=ctx.cfg.data.batch_size,
             desc=f"prune {name} step {i + 1}/{cfg.iterative_steps}")
         tuned_logits, _ = predict(model, data.test)
         row["accuracy_after_finetune"] = M.accuracy(tuned_logits, targets)
+        if cache is not None:
+            log.info(f"[prune] step {i + 1}: {cache.summary()}")
+            row["teacher_cache"] = {"key": cache.key, **cache.stats}
         log.info(f"[prune] step {i + 1}: MACs {row['macs'] / base_macs:.1%} of the student, accuracy "
                  f"{row['accuracy_after_pruning']:.4f} after pruning, {row['accuracy_after_finetune']:.4f} after fine-tuning")
         steps.append(row)

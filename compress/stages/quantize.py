@@ -1,6 +1,7 @@
 """Stage ``quantize``: quantization-aware training of the student (``compress.qat``): BatchNorm folded,
 int8 per-channel weights and uint8 activations fake-quantized, ranges calibrated on training images,
-then trained with the KD loss against the FP32 teacher (``quantize.distill``) under the schedule that
+then trained with the KD loss against the FP32 teacher (``quantize.distill``; its logits read through
+distill's teacher-output cache entry when ``distill.teacher_cache`` is on) under the schedule that
 freezes observers and BatchNorm statistics.
 
 Reads: ``prune/model.safetensors`` when pruning runs, else ``distill/model.safetensors``;
@@ -10,6 +11,7 @@ the pruned architecture when there is one)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -24,8 +26,10 @@ from compress.evaluate import loader, predict
 from compress.fsio import read_json
 from compress.models import save_checkpoint
 from compress.stages import register
-from compress.stages.common import MODEL_FILE, load_stage_model, model_meta
+from compress.stages.common import MODEL_FILE, kd_teacher_cache, load_stage_model, model_meta, teacher_cache_setting
 from compress.train import fit, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
@@ -45,7 +49,7 @@ def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-@register("quantize", probe=probe, probe_does="quantized")
+@register("quantize", identity=teacher_cache_setting, probe=probe, probe_does="quantized")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.quantize, ctx.data
     source = student_stage(ctx.cfg.stages)
@@ -62,9 +66,13 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
                     label_smoothing=cfg.label_smoothing)
     qat.qat_schedule(gm, 0, cfg.freeze_observers_after, cfg.freeze_bn_after)
     before_logits, targets = predict(gm, data.test)
-    result = fit(gm, data.train, data.val, cfg, logit_objective(loss, gm, teacher), work, seed=ctx.cfg.seed,
+    objective = logit_objective(loss, gm, teacher)
+    cache = kd_teacher_cache(ctx, objective, cfg, ctx.cfg.seed)
+    result = fit(gm, data.train, data.val, cfg, objective, work, seed=ctx.cfg.seed,
                  batch_size=ctx.cfg.data.batch_size, desc=f"qat {name}",
                  on_epoch_start=lambda e: qat.qat_schedule(gm, e, cfg.freeze_observers_after, cfg.freeze_bn_after))
+    if cache is not None:
+        log.info(f"[quantize] {cache.summary()}")
     qat.qat_schedule(gm, 10**9, cfg.freeze_observers_after, cfg.freeze_bn_after)  # final state: all frozen
     gm.eval()
     meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME, "float_stem": cfg.float_stem}
@@ -83,5 +91,6 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         "fp32_accuracy": ctx.metrics(source)["test_accuracy"],
         "from_stage": source,
         "history": result.history,
+        "teacher_cache": {"key": cache.key, **cache.stats} if cache is not None else None,
         "train_seconds": round(result.seconds, 2),
     }
