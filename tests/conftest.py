@@ -17,7 +17,10 @@ NO_CHROMIUM = "Chromium is not installed (Debian package chromium; .ci/run insta
 # every student of the registry and the lightest teacher: what pruning, QAT and export must handle
 EDGE_MODELS = sorted(n for n, s in REGISTRY.items() if s.role == "student") + ["resnet18"]
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# under pytest-xdist (make test) every worker is one more process on the same cores: one thread each
+# (two threads in each of two workers on two cores made the suite twice as slow)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if _WORKERS > 1 else max(1, min(2, torch.get_num_threads())))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -84,7 +84,17 @@ def test_frozen_qat_training_step_keeps_running_statistics():
 
 def _briefly_trained(name, ds, steps=30):
     """A model after a short budget of training on real images (a network at initialization has logits
-    near zero and near-ties everywhere: not what the export gate ever sees)."""
+    near zero and near-ties everywhere: not what the export gate ever sees). Two threads always, so
+    that the model does not depend on how many the test process has (make test's workers have one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return _train_steps(name, ds, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_steps(name, ds, steps):
     torch.manual_seed(0)
     model = create_model(name, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
