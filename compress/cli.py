@@ -42,6 +42,8 @@ def pipeline(
     lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", min=0, metavar="SECONDS",
                                                  help="while another process runs the same run name, wait at "
                                                       "most this long (0: refuse at once); default: wait"),
+    tune: bool = typer.Option(False, "--tune", help="search the recipe's tune.space on the validation split first "
+                                                    "and run with the best settings (same as tune.enabled=true)"),
 ) -> None:
     """Run a recipe's stages; unchanged stages are skipped."""
     from compress.config import load_recipe
@@ -55,18 +57,56 @@ def pipeline(
             overrides.append(f"{key}={value}")
     if download:
         overrides.append("data.download=true")
+    if tune:
+        overrides.append("tune.enabled=true")
     cfg = load_recipe(recipe, overrides)
     output_folder(artifacts / cfg.name, "--artifacts")
     from compress import dist
 
+    tuning = None
+    if cfg.tune.enabled:
+        from compress.tune import run_tune, with_settings
+
+        if dist.launched():
+            raise CompressError("tuning runs as one process; run compress tune first, then the pipeline under torchrun")
+        tuning = run_tune(cfg, artifacts=artifacts)
+        cfg = with_settings(cfg, tuning["settings"])
     dist.init(cfg.distill.device)
     try:
-        ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout, finish=write_reports)
+        ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout,
+                           finish=lambda c: write_reports(c, tuning=tuning))
     finally:
         dist.shutdown()
     if dist.launch_rank() == 0:
         typer.echo(f"run {cfg.name}: {ctx.run_dir}/report.md")
         typer.echo((ctx.run_dir / "report.md").read_text())
+
+
+@app.command("tune")
+def tune_command(
+    recipe: Path = typer.Argument(..., help="recipe YAML; its tune section sets the studies, space and budget"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a recipe value: section.key=value (repeatable)"),
+    dataset: Optional[str] = typer.Option(None, help="digits | cifar10 | cifar100 | imagefolder:PATH"),
+    name: Optional[str] = typer.Option(None, help="run name (folder under the artifacts directory)"),
+    artifacts: Path = typer.Option(Path("artifacts"), help="where runs are written"),
+    force: bool = typer.Option(False, "--force", help="start the studies over"),
+) -> None:
+    """Search the settings of the recipe's tune section on the validation split (Optuna); a killed
+    search continues with the same command. Prints the chosen settings as --set flags for the pipeline."""
+    from compress.config import load_recipe
+    from compress.report import tuning_markdown
+    from compress.tune import run_tune
+
+    overrides = list(set_)
+    for key, value in (("data.dataset", dataset), ("name", name)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_recipe(recipe, overrides)
+    output_folder(artifacts / cfg.name, "--artifacts")
+    record = run_tune(cfg, artifacts=artifacts, force=force)
+    typer.echo("\n".join(tuning_markdown(record)))
+    flags = " ".join(f"--set {k}={v}" for k, v in record["settings"].items())
+    typer.echo(f"\nrun with: compress pipeline {recipe} {flags}   (or: compress pipeline {recipe} --tune)")
 
 
 @app.command()

@@ -4,7 +4,7 @@ with a message that names the field."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,6 +126,8 @@ class PruneConfig(TrainConfig):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0, le=100.0)
 
+    EPOCH_SETTINGS: ClassVar[tuple[str, ...]] = ("warmup_epochs", "final_epochs")
+
     @model_validator(mode="after")
     def _one_target(self) -> "PruneConfig":
         if (self.macs_target is None) == (self.channel_ratio is None):
@@ -148,6 +150,16 @@ class QuantizeConfig(TrainConfig):
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX with onnxruntime's quantize_static")
+    weight_bits: Literal["auto", 7, 8] = Field(
+        "auto", description="weights in ±127 (8) or ±63 (7); auto: 8 where onnxruntime computes int8 convolutions "
+        "exactly on this machine, 7 on an x86 CPU without VNNI (its AVX2 kernels saturate 8-bit products)")
+
+    def resolved_weight_bits(self) -> int:
+        from compress.qat import host_weight_bits
+
+        return host_weight_bits() if self.weight_bits == "auto" else int(self.weight_bits)
+    EPOCH_SETTINGS: ClassVar[tuple[str, ...]] = ("warmup_epochs", "freeze_observers_after", "freeze_bn_after")
+
     float_stem: bool = Field(True, description="keep the first convolution float when its activation is one an int8 "
                              "convolution cannot fold (hard-swish, SiLU...): quantization starts after them (faster "
                              "with onnxruntime on CPU, measured by benchmarks/int8_latency.py)")
@@ -164,6 +176,11 @@ class ExportConfig(_Strict):
     max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0, description="FP32 parity: absolute part of the tolerance")
     logit_rtol: float = Field(1e-5, ge=0.0, le=0.1, description="FP32 parity: relative part, times each image's "
                               "largest |logit| (float32 error grows with the logits)")
+    float64_factor: float | None = Field(8.0, ge=1.0, le=1e6, description="FP32 parity: the relative part is at "
+                                         "least this many times PyTorch's own float32 error against a float64 run "
+                                         "of the model on the test split, and a top class that flips between two "
+                                         "logits tied within the tolerance counts as agreeing; null: the fixed "
+                                         "tolerance alone")
     min_argmax_agreement: float = Field(1.0, gt=0.0, le=1.0, description="FP32 ONNX against PyTorch, and FP32 "
                                         "OpenVINO IR against its ONNX file")
     int8_min_argmax_agreement: float = Field(0.995, gt=0.0, le=1.0,
@@ -269,6 +286,81 @@ class SweepConfig(_Strict):
         return v
 
 
+class SearchRange(_Strict):
+    """One setting's range for tuning: numbers from ``low`` to ``high`` (``log``: on a log scale;
+    ``integer``: whole numbers), or one of ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: list[float | int | str | bool] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchRange":
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("give either choices (a non-empty list) or low and high")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError("give low < high, or choices")
+        elif self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+TUNE_SECTIONS = {"teacher": ("teacher", "data"), "distill": ("distill",)}
+
+DEFAULT_SPACES: dict[str, dict[str, dict]] = {
+    "teacher": {"teacher.lr": {"low": 0.01, "high": 0.3, "log": True},
+                "data.scale": {"low": 0.08, "high": 1.0},
+                "data.color_jitter": {"low": 0.0, "high": 0.4}},
+    "distill": {"distill.lr": {"low": 0.01, "high": 0.3, "log": True},
+                "distill.alpha": {"low": 0.1, "high": 0.95},
+                "distill.temperature": {"low": 1.0, "high": 8.0}},
+}
+
+
+class TuneConfig(_Strict):
+    """Search for the settings that matter on the validation split (Optuna), before the pipeline
+    runs: first the teacher's (and the training augmentation's, which the student shares), then the
+    student's with the chosen teacher. Each trial trains its stage with the trial's settings and
+    scores the weights it keeps on the validation split; the test split is withheld. The best
+    settings are then the recipe's for the pipeline."""
+
+    enabled: bool = Field(False, description="tune before every pipeline run (also: compress pipeline --tune, "
+                                             "or compress tune RECIPE alone)")
+    stages: list[Literal["teacher", "distill"]] = Field(["teacher", "distill"], min_length=1,
+                                                        description="the studies, in this order")
+    space: dict[str, dict[str, SearchRange]] = Field(
+        {}, description="per study (teacher, distill): recipe key -> range; default: DEFAULT_SPACES "
+                        "(learning rate, crop area, colour jitter; learning rate, alpha, temperature)")
+    trials: int | None = Field(12, ge=1, le=100_000, description="trials per study (with minutes: what comes first)")
+    minutes: float | None = Field(None, gt=0, description="time budget per study, in minutes")
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["successive_halving", "hyperband", "none"] = Field(
+        "successive_halving", description="stops weak trials at the epochs where the others are compared")
+    startup_trials: int = Field(4, ge=0, le=1000, description="random trials before TPE models the results")
+    storage: str | None = Field(None, description="Optuna RDB storage URL; default SQLite under "
+                                                  "<artifacts>/<run>/tune/study.db. A PostgreSQL or MySQL URL "
+                                                  "lets several machines share one study")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "TuneConfig":
+        if self.trials is None and self.minutes is None:
+            raise ValueError("set trials, minutes or both")
+        for study, space in self.space.items():
+            if study not in TUNE_SECTIONS:
+                raise ValueError(f"space.{study}: studies are {', '.join(TUNE_SECTIONS)}")
+            for key in space:
+                if key.split(".", 1)[0] not in TUNE_SECTIONS[study] or "." not in key:
+                    raise ValueError(f"space.{study}.{key}: a {study} study tunes keys of "
+                                     f"{' and '.join(TUNE_SECTIONS[study])} (section.key)")
+        return self
+
+    def space_of(self, study: str) -> dict[str, SearchRange]:
+        return self.space.get(study) or {k: SearchRange(**v) for k, v in DEFAULT_SPACES[study].items()}
+
+
 class ComputeConfig(_Strict):
     """How training uses the hardware; none of it changes what a one-process CPU run computes, so
     these settings enter a stage's fingerprint only where they take effect (several processes under
@@ -298,6 +390,7 @@ class PipelineConfig(_Strict):
     export: ExportConfig = ExportConfig()
     bench: BenchConfig = BenchConfig()
     compute: ComputeConfig = ComputeConfig()
+    tune: TuneConfig = TuneConfig()
     compare: CompareConfig | None = Field(None, description="used by compress compare only")
     sweep: SweepConfig | None = Field(None, description="used by compress sweep only")
 

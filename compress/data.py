@@ -50,11 +50,14 @@ class DataConfig(BaseModel):
     batch_size: int = Field(64, ge=2, le=4096)
     augment: bool = Field(True, description="augment the training split (photos: the settings below; "
                                             "digits and CIFAR: random shifts)")
-    scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop area range")
+    scale: tuple[float, float] | Literal["auto"] = Field(
+        "auto", description="random-resized-crop area range (one number: from it to 1); auto: from the input "
+        "size (augmentation_for)")
     ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random-resized-crop aspect range")
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     vflip: float = Field(0.0, ge=0.0, le=1.0)
-    color_jitter: float = Field(0.4, ge=0.0, le=2.0, description="unused when auto_augment is set")
+    color_jitter: float | Literal["auto"] = Field("auto", description="colour jitter strength (unused when "
+                                                 "auto_augment is set); auto: from the input size (augmentation_for)")
     auto_augment: str | None = Field(None, description="randaugment | trivialaugment | a timm policy "
                                                        "string such as rand-m9-mstd0.5-inc1")
     re_prob: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability")
@@ -68,9 +71,24 @@ class DataConfig(BaseModel):
             return v
         raise ValueError("must be digits, cifar10, cifar100 or imagefolder:PATH")
 
+    @field_validator("color_jitter")
+    @classmethod
+    def _jitter(cls, v: float | str) -> float | str:
+        if v != "auto" and not 0.0 <= v <= 2.0:
+            raise ValueError("must be auto or a number between 0 and 2")
+        return v
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _low_only(cls, v):
+        """One number is the smallest crop area; the largest is the whole image."""
+        return (v, 1.0) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
     @field_validator("scale", "ratio")
     @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+    def _range(cls, v: tuple[float, float] | str) -> tuple[float, float] | str:
+        if v == "auto":
+            return v
         if not 0 < v[0] <= v[1] or v[1] > 10:
             raise ValueError("must be [low, high] with 0 < low <= high")
         return v
@@ -195,6 +213,20 @@ class FolderDataset(Dataset):
         return self.eval_tf(image), self.labels[i]
 
 
+class Withheld(Dataset):
+    """A split that must not be read (the test split while settings are tuned): its size is known,
+    reading an image raises."""
+
+    def __init__(self, size: int, what: str = "the test split is withheld while settings are tuned"):
+        self.size, self.what = size, what
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i):
+        raise CompressError(self.what)
+
+
 def random_shift(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Shift an image by up to ``pad`` pixels each way, filling with the edge values."""
     h, w = x.shape[-2:]
@@ -218,6 +250,7 @@ class DataBundle:
     crop_pct: float = 1.0
     skipped_images: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    augmentation: dict | None = None  # photographs: the training transform's crop range and jitter
 
     @property
     def num_classes(self) -> int:
@@ -235,6 +268,7 @@ class DataBundle:
             "crop_pct": self.crop_pct,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "skipped_images": len(self.skipped_images),
+            "augmentation": self.augmentation,
         }
 
 
@@ -469,17 +503,49 @@ def scan_images(files: list[str], cache: Path | None = None, threads: int = 4,
     return bad
 
 
-def image_transforms(cfg: DataConfig, size: int, mean, std, interpolation: str, crop_pct: float):
-    """(training transform, evaluation transform), both from timm's ``create_transform``."""
+# ImageNet's training transform (timm's defaults) is made for 224-px photographs
+IMAGENET_SIZE, IMAGENET_MIN_SCALE, IMAGENET_JITTER = 224, 0.08, 0.4
+MAX_MIN_SCALE = 0.6
+
+
+def augmentation_for(size: int) -> dict:
+    """Random-resized-crop area range and colour jitter for images of ``size`` px, from ImageNet's
+    (8-100 % of the area, jitter 0.4 at 224 px). The smallest crop keeps the same number of source
+    pixels per output side as ImageNet's relative to its size: its area share grows as 224 / size
+    (0.08 at 224, 0.28 at 64, 0.56 at 32, at most 0.6), since a small image upscaled from a small
+    crop has little left to recognise. Colour jitter shrinks with the square root of the size (0.4 at
+    224, 0.21 at 64, 0.15 at 32): the fewer pixels, the more of the class colour carries."""
+    ratio = IMAGENET_SIZE / max(8, size)
+    low = round(min(MAX_MIN_SCALE, max(IMAGENET_MIN_SCALE, IMAGENET_MIN_SCALE * ratio)), 3)
+    jitter = round(IMAGENET_JITTER * min(1.0, ratio ** -0.5), 3)
+    return {"scale": (low, 1.0), "color_jitter": jitter}
+
+
+def resolved_augmentation(cfg: DataConfig, size: int) -> dict:
+    """The recipe's augmentation with ``auto`` values replaced by :func:`augmentation_for`, and which
+    of them were derived (``derived``: the keys, empty when the recipe set them all)."""
+    rule = augmentation_for(size)
+    out = {"scale": tuple(cfg.scale) if cfg.scale != "auto" else rule["scale"],
+           "color_jitter": cfg.color_jitter if cfg.color_jitter != "auto" else rule["color_jitter"]}
+    out["derived"] = [k for k in ("scale", "color_jitter") if getattr(cfg, k) == "auto"]
+    return out
+
+
+def image_transforms(cfg: DataConfig, size: int, mean, std, interpolation: str, crop_pct: float,
+                     augmentation: dict | None = None):
+    """(training transform, evaluation transform), both from timm's ``create_transform``;
+    ``augmentation``: the resolved crop range and jitter (default: :func:`resolved_augmentation`)."""
     from timm.data import create_transform
 
     eval_tf = create_transform(size, is_training=False, interpolation=interpolation, mean=mean, std=std,
                                crop_pct=crop_pct)
     if not cfg.augment:
         return eval_tf, eval_tf
+    aug = augmentation or resolved_augmentation(cfg, size)
     train_tf = create_transform(
-        size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, vflip=cfg.vflip,
-        color_jitter=cfg.color_jitter, auto_augment=POLICIES.get(cfg.auto_augment, cfg.auto_augment) if cfg.auto_augment else None,
+        size, is_training=True, scale=aug["scale"], ratio=cfg.ratio, hflip=cfg.hflip, vflip=cfg.vflip,
+        color_jitter=aug["color_jitter"],
+        auto_augment=POLICIES.get(cfg.auto_augment, cfg.auto_augment) if cfg.auto_augment else None,
         interpolation=interpolation, mean=mean, std=std, re_prob=cfg.re_prob)
     return train_tf, eval_tf
 
@@ -530,7 +596,8 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
     std = tuple(cfg.std or defaults.get("std") or IMAGENET_STD)
     interpolation = cfg.interpolation or defaults.get("interpolation") or "bilinear"
     crop_pct = cfg.crop_pct or defaults.get("crop_pct") or DEFAULT_CROP_PCT
-    train_tf, eval_tf = image_transforms(cfg, size, mean, std, interpolation, crop_pct)
+    augmentation = resolved_augmentation(cfg, size)
+    train_tf, eval_tf = image_transforms(cfg, size, mean, std, interpolation, crop_pct, augmentation)
     workers = cfg.num_workers()
     return DataBundle(
         name=cfg.dataset,
@@ -544,6 +611,8 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
         interpolation=interpolation,
         crop_pct=crop_pct,
         skipped_images=sorted(bad),
+        augmentation={"scale": list(augmentation["scale"]), "color_jitter": augmentation["color_jitter"],
+                      "derived": augmentation["derived"]} if cfg.augment else None,
     )
 
 
@@ -591,6 +660,8 @@ def data_identity(cfg: DataConfig, resolved: DataBundle | None = None) -> dict:
         ident["resolved"] = {"image_size": resolved.image_size, "mean": list(resolved.mean),
                              "std": list(resolved.std), "interpolation": resolved.interpolation,
                              "crop_pct": resolved.crop_pct, "skipped": len(resolved.skipped_images)}
+        if resolved.augmentation is not None:
+            ident["resolved"]["augmentation"] = {k: resolved.augmentation[k] for k in ("scale", "color_jitter")}
     if cfg.dataset.startswith("imagefolder:"):
         root = Path(cfg.dataset.split(":", 1)[1]).expanduser()
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []

@@ -10,7 +10,11 @@ class ConfigError(CompressError):
 
 
 class CheckFailed(CompressError):
-    """A stage's own acceptance check (parity, accuracy goal) did not hold."""
+    """A stage's own acceptance check (parity, accuracy goal) did not hold; ``details``: its numbers."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 def short(e: BaseException, limit: int = 160, typed: bool = True) -> str:

@@ -31,7 +31,7 @@ import torch
 
 from compress import __version__, dist, stages
 from compress.config import PipelineConfig
-from compress.context import RunContext, StageResult
+from compress.context import RunContext, StageResult, derive_settings, describe_derived
 from compress.fsio import damage, locked, manifest, read_json, replace_dir, sha256_json, write_json
 from compress.graph import FORMAT_VERSION
 from compress.errors import CompressError, short
@@ -227,15 +227,20 @@ def _runs(role: str, name: str, model: torch.nn.Module, size: int, num_classes: 
 
 def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force: bool = False,
                  cache_dir: Path | None = None, *, lock_timeout: float | None = None,
-                 finish: Callable[[RunContext], None] | None = None) -> RunContext:
+                 finish: Callable[[RunContext], None] | None = None, withhold_test: bool = False,
+                 epoch_hooks: dict[str, Callable[[int, dict], None]] | None = None) -> RunContext:
     """Run the recipe's stages in order into ``artifacts/<name>/``; returns the context with every
     stage's result. The run folder is locked while the stages and ``finish`` (the caller's reports)
     run: another process running the same name waits for it, at most ``lock_timeout`` seconds when
-    given (0: it refuses at once)."""
+    given (0: it refuses at once). ``withhold_test``: the test split is never read (a tuning trial);
+    ``epoch_hooks``: per stage, ``hook(epoch, row)`` called after each of its training epochs (a
+    tuner's pruner)."""
     run_dir = artifacts / cfg.name
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force,
+                     withhold_test=withhold_test, epoch_hooks=epoch_hooks or {})
     dist.configure(**cfg.compute.model_dump())
     preflight(ctx)
+    derived = derive_settings(ctx)
     plan = [stages.get(name) for name in cfg.stages]
     main = dist.is_main()
     with run_lock(run_dir, cfg.name, lock_timeout) if main else nullcontext():
@@ -243,6 +248,8 @@ def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force
         with run_log(run_dir / "run.log") if main else nullcontext():
             log.debug(f"run {cfg.name}: compress {__version__}, stages {' -> '.join(cfg.stages)}, force {force}"
                       + (f", {dist.world()} processes" if dist.active() else ""))
+            if derived:
+                log.info("derived from the data: " + "; ".join(describe_derived(derived)))
             try:
                 for stage in plan:
                     ctx.results[stage.name] = run_stage(ctx, stage)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from compress import __version__
 from compress.artifacts import ARTIFACTS, TABLE, architecture_stage
-from compress.context import RunContext
+from compress.context import RunContext, describe_derived
 from compress.fsio import write_json, write_text
 
 
@@ -67,6 +67,7 @@ def summary(ctx: RunContext) -> dict:
                        "metrics": r.metrics} for n, r in ctx.results.items()},
         "table": _rows(ctx),
         "lineage": lineage(ctx),
+        "derived": ctx.derived,
     }
 
 
@@ -133,6 +134,8 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
                  f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
     if d.get("skipped_images"):
         lines.append(f"{d['skipped_images']} unreadable image(s) were left out (data.skip_bad_images).")
+    if ctx.derived:
+        lines.append("Derived from the data: " + "; ".join(describe_derived(ctx.derived)) + ".")
     if "distill" in ctx.results:
         m = ctx.results["distill"].metrics
         params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
@@ -269,7 +272,21 @@ def export_tables(metrics: dict, code=lambda t: t) -> list[tuple[str, list[str],
     return tables
 
 
-STAGE_HEAD = ["stage", "status", "seconds", "model", "test accuracy (PyTorch)", "fingerprint"]
+STAGE_HEAD = ["stage", "status", "seconds", "model", "weights kept", "test accuracy (PyTorch)", "fingerprint"]
+
+
+def _kept(m: dict) -> str:
+    """Which epoch's weights a training stage kept, and their validation accuracy."""
+    rows = m.get("steps") if isinstance(m.get("steps"), list) else [m]
+    parts = []
+    for r in rows:
+        if not isinstance(r, dict) or not r.get("selected_epoch"):
+            continue
+        epochs = len(r["history"]) if isinstance(r.get("history"), list) else None
+        parts.append(f"epoch {r['selected_epoch']}" + (f"/{epochs}" if epochs else "")
+                     + (" (moving average)" if r.get("ema") else "")
+                     + (f", val {r['selected_val_accuracy']:.4f}" if r.get("selected_val_accuracy") is not None else ""))
+    return "; ".join(parts)
 
 
 def stage_rows(ctx: RunContext) -> list[list[str]]:
@@ -278,7 +295,7 @@ def stage_rows(ctx: RunContext) -> list[list[str]]:
         m = r.metrics
         acc = m.get("test_accuracy")
         out.append([n, "skipped (unchanged)" if r.skipped else "ran", f"{m.get('stage_seconds', 0):.1f}",
-                    str(m.get("model", "")), "" if acc is None else f"{acc:.4f}", r.fingerprint[:12]])
+                    str(m.get("model", "")), _kept(m), "" if acc is None else f"{acc:.4f}", r.fingerprint[:12]])
     return out
 
 
@@ -330,6 +347,9 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
     if d.get("skipped_images"):
         body.append(f"<p class='note'>{d['skipped_images']} unreadable image(s) were left out "
                     "(data.skip_bad_images).</p>")
+    if ctx.derived:
+        body.append("<p class='note'>Derived from the data: "
+                    + H.esc("; ".join(describe_derived(ctx.derived))) + ".</p>")
     if rows:
         head, table = main_table(ctx, rows)
         body += ["<h2>Teacher vs student</h2>", H.table(head, [[label, *cells] for label, cells in table])]
@@ -344,8 +364,96 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
     return H.page(f"compress run {ctx.cfg.name}", body)
 
 
-def write_reports(ctx: RunContext) -> None:
+def _fmt_setting(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def tuning_markdown(record: dict) -> list[str]:
+    """The chosen settings and every trial, as Markdown."""
+    lines = ["## Tuning on the validation split", "",
+             "| setting | recipe | chosen |", "|---|---|---|"]
+    for study in record["studies"]:
+        for k, v in study["best_params"].items():
+            lines.append(f"| `{k}` | {_fmt_setting(study['baseline'].get(k))} | {_fmt_setting(v)} |")
+    for study in record["studies"]:
+        keys = list(study["best_params"])
+        lines += ["", f"Study `{study['study']}` ({study['study_name']}): best validation accuracy "
+                      f"{study['best_value']:.4f} in trial {study['best_trial']}, {len(study['trials'])} trials, "
+                      f"{study['seconds']:.0f} s.", "",
+                  "| trial | state | validation accuracy | epochs | seconds | " + " | ".join(keys) + " |",
+                  "|" + "---|" * (5 + len(keys))]
+        for r in study["trials"]:
+            value = "—" if r["value"] is None else f"{r['value']:.4f}"
+            lines.append(f"| {r['number']} | {r['state']} | {value} | {r['last_epoch'] or '—'} | "
+                         f"{r['seconds'] or 0:.0f} | " + " | ".join(_fmt_setting(r["params"].get(k, "—")) for k in keys) + " |")
+    return lines
+
+
+def tuning_plot(record: dict) -> bytes:
+    """Optimization history: each trial's validation accuracy and the best so far, per study."""
+    from compress.html import figure_png, pyplot
+
+    plt = pyplot()
+    studies = record["studies"]
+    fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 3.6), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        rows = [r for r in study["trials"] if r["value"] is not None]
+        xs = [r["number"] for r in rows]
+        ys = [r["value"] for r in rows]
+        ax.scatter(xs, ys, s=18, color="#4c72b0", label="trial")
+        best, line = float("-inf"), []
+        for y in ys:
+            best = max(best, y)
+            line.append(best)
+        ax.step(xs, line, where="post", color="#dd8452", label="best so far")
+        pruned = [r["number"] for r in study["trials"] if r["state"] == "pruned"]
+        if pruned:
+            ax.scatter(pruned, [min(ys or [0.0])] * len(pruned), marker="x", color="#999999", label="stopped early")
+        ax.set_title(f"{study['study']}: optimization history")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("validation accuracy")
+        ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def write_reports(ctx: RunContext, tuning: dict | None = None) -> None:
+    """summary.json, report.md and report.html of a run; ``tuning``: the record of the search that
+    chose its settings (``compress.tune``), shown with its trials and history."""
     s = summary(ctx)
+    md = markdown(ctx, s["table"])
+    extra = None
+    if tuning:
+        from compress import html as H
+
+        s["tuning"] = tuning
+        lines = tuning_markdown(tuning)
+        md = md.replace("\n## Stages\n", "\n" + "\n".join(lines) + "\n\n## Stages\n", 1)
+        extra = [_lines_html(lines), H.img(tuning_plot(tuning), "optimization history", "optimization history")]
     write_json(ctx.run_dir / "summary.json", s)
-    write_text(ctx.run_dir / "report.md", markdown(ctx, s["table"]))
-    write_text(ctx.run_dir / "report.html", html_report(ctx, s["table"]))
+    write_text(ctx.run_dir / "report.md", md)
+    write_text(ctx.run_dir / "report.html", html_report(ctx, s["table"], extra))
+
+
+def _lines_html(lines: list[str]) -> str:
+    """The tuning section's Markdown (a heading, paragraphs and pipe tables) as HTML."""
+    from compress import html as H
+
+    out, table = [], []
+
+    def flush():
+        if table:
+            rows = [[c.strip().strip("`") for c in r.strip("|").split("|")] for r in table if not set(r) <= set("|-")]
+            out.append(H.table(rows[0], rows[1:]))
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{H.esc(line[3:])}</h2>")
+        elif line:
+            out.append(f"<p class='note'>{H.esc(line.replace('`', ''))}</p>")
+    flush()
+    return "".join(out)

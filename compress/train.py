@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from compress import dist
-from compress.errors import CompressError
+from compress.errors import CompressError, short
 from compress.evaluate import TrainLoader, predict
 from compress.fsio import atomic_path, write_bytes
 from compress.metrics import accuracy
@@ -46,6 +46,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     epochs: int = Field(15, ge=0, le=10_000)
+    steps: int | None = Field(None, ge=1, le=10_000_000, description="schedule length in optimization steps: the "
+                              "stage trains for ceil(steps / batches per epoch) epochs, whatever the number of "
+                              "training images, and the settings counted in epochs (warm-up, freeze points) keep "
+                              "their share of `epochs`; unset: `epochs` as written")
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0.0, le=10.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -57,6 +61,38 @@ class TrainConfig(BaseModel):
     mixup_prob: float = Field(1.0, ge=0.0, le=1.0, description="share of batches mixed")
     mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="with both on: share of cutmix")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    select: Literal["best", "last"] = Field("best", description="which weights the stage keeps: those of the epoch "
+                                            "best on the validation split (the later one on a tie), or the last")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an exponential moving average of the "
+                                    "weights (timm's ModelEmaV3, decay warmed up over the first steps); the "
+                                    "average is what is validated and kept; unset: off")
+
+    #: settings counted in epochs, scaled with the derived epoch count when ``steps`` is set
+    EPOCH_SETTINGS: ClassVar[tuple[str, ...]] = ("warmup_epochs",)
+
+
+def batches_per_epoch(train_images: int, batch_size: int) -> int:
+    """Optimization steps in one epoch of :class:`compress.evaluate.TrainLoader` (the short last batch
+    is dropped when there is more than one batch)."""
+    return max(1, train_images // batch_size) if train_images > batch_size else 1
+
+
+def resolve_schedule(cfg: TrainConfig, train_images: int, batch_size: int) -> tuple[TrainConfig, dict | None]:
+    """``cfg`` with ``steps`` turned into epochs for this data: ceil(steps / batches per epoch) epochs,
+    and every setting counted in epochs (:attr:`TrainConfig.EPOCH_SETTINGS`) scaled by the same factor
+    as ``epochs`` (rounded, at most the new count). Returns the resolved config (``steps`` cleared) and
+    what was derived, or ``cfg`` and None when ``steps`` is unset."""
+    if cfg.steps is None:
+        return cfg, None
+    per_epoch = batches_per_epoch(train_images, batch_size)
+    epochs = max(1, math.ceil(cfg.steps / per_epoch))
+    factor = epochs / max(1, cfg.epochs)
+    update: dict = {"epochs": epochs, "steps": None}
+    for name in type(cfg).EPOCH_SETTINGS:
+        update[name] = min(epochs, int(round(getattr(cfg, name) * factor)))
+    record = {"steps": cfg.steps, "batches_per_epoch": per_epoch, "epochs": epochs,
+              **{k: v for k, v in update.items() if k not in ("epochs", "steps")}}
+    return cfg.model_copy(update=update), record
 
 
 def batch_mixer(cfg: TrainConfig, num_classes: int):
@@ -130,6 +166,43 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     resumed_from_epoch: int = 0
     seconds: float = 0.0
+    selected_epoch: int = 0  # the epoch whose weights the model leaves with (0: no epoch ran)
+    selected_val_acc: float | None = None
+    ema: bool = False
+
+    def selection(self) -> dict:
+        """What a stage records of the kept weights."""
+        return {"selected_epoch": self.selected_epoch, "selected_val_accuracy": self.selected_val_acc,
+                "ema": self.ema}
+
+
+@dataclass
+class _Keeper:
+    """The weights a run keeps: every epoch's candidate (the model, or its moving average) is scored on
+    the validation split; ``state`` holds the best one so far (the later on a tie) when ``select`` is
+    ``best``, the last one when it is ``last`` (a moving average), none when it is ``none`` (the model
+    itself is what is kept)."""
+
+    select: str
+    epoch: int = 0
+    val_acc: float | None = None
+    state: dict | None = None
+
+    def offer(self, epoch: int, val_acc: float, candidate: nn.Module) -> None:
+        if self.select == "none":  # the model as it is: nothing to copy
+            self.epoch, self.val_acc = epoch, val_acc
+            return
+        if self.select == "best" and self.val_acc is not None and not val_acc >= self.val_acc:
+            return
+        self.epoch, self.val_acc = epoch, val_acc
+        self.state = {k: v.detach().cpu().clone() for k, v in candidate.state_dict().items()}
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "val_acc": self.val_acc, "state": self.state}
+
+    def load(self, saved: dict | None) -> None:
+        if saved:
+            self.epoch, self.val_acc, self.state = int(saved["epoch"]), saved["val_acc"], saved["state"]
 
 
 def lr_at(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -206,7 +279,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         raise CompressError(f"{desc}: this objective needs hard labels; set mixup and cutmix to 0")
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = work_dir / CHECKPOINT
-    result = FitResult()
+    result = FitResult(ema=cfg.ema_decay is not None)
+    ema = _ema(model, cfg)
+    keeper = _Keeper(cfg.select if cfg.select == "best" or ema is not None else "none")
     start = 0
     state = _load_state(ckpt_path, device)  # rank 0 reads it and hands it to the others
     if state is not None:
@@ -214,9 +289,15 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
             model.load_state_dict(state["model"])
             objective.load_state_dict(state.get("objective", {}))
             optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
+            keeper.load(state.get("kept"))
             start, result.history = int(state["epoch"]), list(state["history"])
-        except Exception:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
+            log.warning(f"{desc}: checkpoint {ckpt_path} cannot be resumed from ({short(e, 120)}); starting over")
             start, result.history = 0, []
+            keeper = _Keeper(keeper.select)
+            ema = _ema(model, cfg)
         result.resumed_from_epoch = start
         if start:
             log.info(f"{desc}: resuming after epoch {start}/{cfg.epochs}")
@@ -226,11 +307,17 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
     feed = TrainLoader(train_ds, per_process, pin_memory=device.type == "cuda", rank=dist.rank(), world=world)
     try:
         _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, hw, result, start,
-                seed, desc, n_train, on_epoch_end, on_epoch_start)
+                seed, desc, n_train, on_epoch_end, on_epoch_start, ema, keeper)
     finally:
         feed.close()
         if restore_batchnorm is not None:
             restore_batchnorm()
+    result.selected_epoch, result.selected_val_acc = keeper.epoch, keeper.val_acc
+    if keeper.state is not None:  # the kept weights: the best epoch's, or the moving average's
+        model.load_state_dict(keeper.state)
+        if keeper.epoch != len(result.history) or ema is not None:
+            log.info(f"{desc}: keeping the weights of epoch {keeper.epoch}{' (moving average)' if ema else ''}, "
+                     f"val_acc {keeper.val_acc:.4f}")
     dist.sync_buffers(model)  # every process leaves with rank 0's model, running statistics included
     result.seconds = time.perf_counter() - t0
     model.eval()
@@ -255,8 +342,18 @@ def _num_classes(ds: Dataset) -> int:
     return int(labels.max()) + 1 if labels is not None and len(labels) else 1
 
 
+def _ema(model: nn.Module, cfg: TrainConfig):
+    """timm's ModelEmaV3 of ``model`` when ``cfg.ema_decay`` is set: the decay warms up as
+    1 - (1 + step)^-3/4 (timm's setting for runs of under 10k steps) to at most ``ema_decay``."""
+    if cfg.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
+
+
 def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, hw, result, start, seed,
-            desc, n_train, on_epoch_end, on_epoch_start) -> None:
+            desc, n_train, on_epoch_end, on_epoch_start, ema, keeper) -> None:
     scaler = torch.amp.GradScaler("cuda") if hw.autocast_dtype == torch.float16 else None
     for epoch in range(start, cfg.epochs):
         # each process its own random stream (augmentation, mixup, dropout: two processes must not draw
@@ -294,6 +391,8 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
                 loss.backward()
                 dist.average_gradients(objective)
                 optimizer.step()
+            if ema is not None:
+                ema.update(model, step=epoch * steps + step + 1)
             total_loss += loss.item() * len(y)
             correct += int((logits.argmax(1) == hard_labels(y)).sum())
             seen += len(y)
@@ -301,17 +400,20 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
         if dist.active():  # the epoch's figures over every process's share
             total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])
+        candidate = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
-               "val_acc": _val_accuracy(model, val_ds, device), "lr": optimizer.param_groups[0]["lr"]}
+               "val_acc": _val_accuracy(candidate, val_ds, device), "lr": optimizer.param_groups[0]["lr"]}
         result.history.append(row)
+        keeper.offer(epoch + 1, row["val_acc"], candidate)
         log.info(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {row['loss']:.4f} train_acc {row['train_acc']:.4f} "
              f"val_acc {row['val_acc']:.4f} ({n_train} images)")
         if dist.is_main():
             model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             extra_state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
+            extra = {"ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()}} if ema is not None else {}
             _save_state(ckpt_path, {"model": model_state, "objective": extra_state,
                                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                    "history": result.history})
+                                    "history": result.history, "kept": keeper.to_dict(), **extra})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
 

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+from types import SimpleNamespace
 import torch
 
 from compress import edge_formats as E
@@ -255,7 +256,12 @@ def test_export_stage_ships_checked_edge_files_and_logs_a_failed_gate(tmp_path):
     by_file = {r[1]: dict(zip(head, r)) for r in rows}
     onnx_row = by_file["model_fp32.onnx"]
     assert onnx_row["compared with"] == "PyTorch"
-    assert onnx_row["gate"] == "abs Δlogit ≤ 0.0001 + 1e-05 × the image's largest abs logit; agreement ≥ 100.00%"
+    # the relative part is the one the gate used: the recipe's, or 8 × PyTorch's float32 noise when larger
+    noise = student["parity"]["float32_noise"]
+    rtol = max(1e-5, 8.0 * noise["torch_vs_float64_max_rel"])
+    assert student["parity"]["tolerance"]["rtol"] == pytest.approx(rtol) and noise["recipe_rtol"] == 1e-5
+    assert onnx_row["gate"] == (f"abs Δlogit ≤ 0.0001 + {rtol:g} × the image's largest abs logit; "
+                                "agreement ≥ 100.00%")
     assert onnx_row["max abs Δlogit"] == f"{student['parity']['max_abs_logit_diff']:.2e}"
     assert by_file["model_fp32.ort"]["gate"] == "bitwise identical logits"
     assert by_file["model_fp32.ort"]["max abs Δlogit"] == "0.00e+00" and by_file["model_fp32.ort"]["result"] == "passed"
@@ -272,11 +278,16 @@ def test_export_stage_ships_checked_edge_files_and_logs_a_failed_gate(tmp_path):
     assert "| student FP32 | `model_fp32.ort` | `model_fp32.onnx` (onnxruntime, extended optimizations) | " \
            "bitwise identical logits | 0.00e+00 | 100.00% | passed | — |" in md
 
-    # a gate that fails stops the stage and leaves its reason and numbers in run.log
+    # a gate that fails stops the stage, leaves its reason and numbers in run.log and keeps the file aside
     ctx.cfg.export.max_abs_logit_diff, ctx.cfg.export.logit_rtol = 1e-12, 0.0
+    ctx.cfg.export.float64_factor = None
     with run_log(log_file), pytest.raises(CheckFailed) as failed:
         run_stage(ctx, stages.get("export"))
     assert "ONNX parity failed for teacher_fp32.onnx: max |Δlogit| " in str(failed.value)
+    rejected = ctx.run_dir / "rejected"
+    assert (rejected / "teacher_fp32.onnx").stat().st_size > 0
+    record = json.loads((rejected / "teacher_fp32.onnx.json").read_text())
+    assert record["reason"] == str(failed.value) and record["details"]["max_abs_logit_diff"] > 1e-12
     assert "(limit 1e-12 + 0 × the image's largest |logit|), argmax agreement " in str(failed.value)
     assert f"ERROR compress.stages.export: [export] failed: {failed.value}\n" in log_file.read_text()
     assert not list(ctx.run_dir.glob(".tmp-*"))
@@ -314,3 +325,26 @@ def test_report_states_the_int8_gates_and_an_absent_edge_format():
                                                                           "every convolution an int8 kernel", "—")
     assert notes == []
     assert export_tables({"edge": {"formats": []}})[0][3] == ["Edge formats: none (export.edge_formats is empty)."]
+
+
+def test_float_noise_alone_never_refuses_a_correct_export(data, tmp_path):
+    from torch.utils.data import Subset
+
+    data = SimpleNamespace(test=Subset(data.test, range(128)))
+    torch.manual_seed(0)
+    model = create_model("mobilenetv3_small_050", 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", 16)
+    # a fixed tolerance far below float32's resolution refuses the correct file...
+    with pytest.raises(CheckFailed, match="parity failed"):
+        parity(model, path, data.test, max_abs_diff=1e-9, min_agreement=1.0, rtol=0.0)
+    # ...the tolerance measured against the model's float64 run accepts it and says what it used
+    report = parity(model, path, data.test, max_abs_diff=1e-9, min_agreement=1.0, rtol=0.0, float64_factor=8.0)
+    noise = report["float32_noise"]
+    assert noise["torch_vs_float64_max_rel"] > 0
+    assert report["tolerance"]["rtol"] == pytest.approx(8.0 * noise["torch_vs_float64_max_rel"])
+    # and a file that computes something else is still refused
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    with pytest.raises(CheckFailed, match="parity failed") as failed:
+        parity(model, path, data.test, max_abs_diff=1e-4, min_agreement=1.0, rtol=1e-5, float64_factor=8.0)
+    assert failed.value.details["max_abs_logit_diff"] == pytest.approx(1.0, rel=1e-3)

@@ -67,3 +67,109 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     assert lr_at(cfg, 2, 0, 10) == pytest.approx(0.1)
     assert lr_at(cfg, 9, 9, 10) < 0.001
     assert lr_at(cfg, 5, 0, 10) < lr_at(cfg, 3, 0, 10)
+
+
+@pytest.fixture(scope="module")
+def few(digits16):
+    """A fifth of the digits: enough for the loop's selection logic, quick to train."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import Subset
+
+    return SimpleNamespace(train=Subset(digits16.train, range(0, len(digits16.train), 4)), val=digits16.val,
+                           num_classes=digits16.num_classes)
+
+
+def _fit_small(data, work, cfg, on_epoch_start=None, on_epoch_end=None):
+    torch.manual_seed(0)
+    model = small_cnn(data.num_classes)
+    result = fit(model, data.train, data.val, cfg, logit_objective(HintonKD(alpha=0.0), model), work, seed=0,
+                 batch_size=32, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end)
+    return model, result
+
+
+def _val_acc(model, data):
+    logits, y = predict(model, data.val)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def _spoil_last_epoch(model_ref, last):
+    """An on_epoch_start hook that scrambles the weights before the last epoch, so it scores worst."""
+    def hook(epoch):
+        if epoch == last - 1:
+            with torch.no_grad():
+                for p in model_ref[0].parameters():
+                    p.copy_(torch.randn_like(p) * 3)
+    return hook
+
+
+def test_best_validation_epoch_is_kept_not_the_last(few, tmp_path):
+    ref = []
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="best")
+    model = small_cnn(few.num_classes)
+    ref.append(model)
+    result = fit(model, few.train, few.val, cfg, logit_objective(HintonKD(alpha=0.0), model), tmp_path,
+                 seed=0, batch_size=32, on_epoch_start=_spoil_last_epoch(ref, 4))
+    vals = [r["val_acc"] for r in result.history]
+    assert vals[-1] < max(vals[:-1])  # the spoiled last epoch is worse
+    assert result.selected_epoch == max(i + 1 for i, v in enumerate(vals) if v == max(vals))
+    assert _val_acc(model, few) == pytest.approx(max(vals))  # the model leaves with the best weights
+
+
+def test_select_last_keeps_the_last_epoch(few, tmp_path):
+    ref = []
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="last")
+    model = small_cnn(few.num_classes)
+    ref.append(model)
+    result = fit(model, few.train, few.val, cfg, logit_objective(HintonKD(alpha=0.0), model), tmp_path,
+                 seed=0, batch_size=32, on_epoch_start=_spoil_last_epoch(ref, 4))
+    assert result.selected_epoch == 4
+    assert _val_acc(model, few) == pytest.approx(result.history[-1]["val_acc"])
+
+
+def test_best_epoch_survives_a_resume(few, tmp_path):
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="best")
+    straight, r1 = _fit_small(few, tmp_path / "a", cfg)
+
+    def stop(epoch, row):
+        if epoch == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _fit_small(few, tmp_path / "b", cfg, on_epoch_end=stop)
+    resumed, r2 = _fit_small(few, tmp_path / "b", cfg)
+    assert r2.resumed_from_epoch == 3
+    assert (r1.selected_epoch, r1.selected_val_acc) == (r2.selected_epoch, r2.selected_val_acc)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_moving_average_is_validated_and_kept(few, tmp_path):
+    plain, _ = _fit_small(few, tmp_path / "a", TrainConfig(epochs=3, lr=0.1, warmup_epochs=0, select="last"))
+    ema, result = _fit_small(few, tmp_path / "b", TrainConfig(epochs=3, lr=0.1, warmup_epochs=0, select="last",
+                                                                   ema_decay=0.99))
+    assert result.ema and result.selected_epoch == 3
+    assert _val_acc(ema, few) == pytest.approx(result.history[-1]["val_acc"])
+    # the kept weights are the average, not the last step's
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ema.state_dict().values()))
+
+
+def test_steps_become_epochs_for_the_data():
+    from compress.config import QuantizeConfig
+    from compress.train import resolve_schedule
+
+    cfg = QuantizeConfig(epochs=4, steps=100, warmup_epochs=1, freeze_observers_after=2, freeze_bn_after=3)
+    # 200 images in batches of 64: 3 steps an epoch (the short batch dropped) -> 34 epochs
+    resolved, record = resolve_schedule(cfg, 200, 64)
+    assert (resolved.epochs, resolved.steps) == (34, None)
+    assert (resolved.warmup_epochs, resolved.freeze_observers_after, resolved.freeze_bn_after) == (8, 17, 26)
+    assert record == {"steps": 100, "batches_per_epoch": 3, "epochs": 34, "warmup_epochs": 8,
+                      "freeze_observers_after": 17, "freeze_bn_after": 26}
+    # 1600 images: 25 steps an epoch -> 4 epochs, the recipe's own shape
+    resolved, _ = resolve_schedule(cfg, 1600, 64)
+    assert (resolved.epochs, resolved.freeze_observers_after) == (4, 2)
+    # one batch holds every image: one step an epoch
+    assert resolve_schedule(cfg, 50, 64)[0].epochs == 100
+    assert resolve_schedule(TrainConfig(epochs=7), 1600, 64) == (TrainConfig(epochs=7), None)

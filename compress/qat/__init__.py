@@ -12,7 +12,7 @@ Rooms: ``fakequant`` (the arithmetic), ``modules`` (QAT modules and their frozen
 ``kernels`` (what onnxruntime runs), ``ptq`` (onnxruntime's static quantization, the baseline)."""
 
 from compress.qat.checkpoint import load_qat_checkpoint, quantized_model
-from compress.qat.fakequant import ActFakeQuant
+from compress.qat.fakequant import ActFakeQuant, host_weight_bits
 from compress.qat.kernels import FLOAT_CONV_OPS, INT8_OPS, QUANT_CONV_OPS, float_ops_between_int8, kernel_report, optimized_ops
 from compress.qat.modules import QAddMul, QConvBn2d, QHardsigmoid, QLinear
 from compress.qat.prepare import prepare_qat
@@ -21,7 +21,7 @@ from compress.qat.qdq import SCHEME, export_qdq, finalize_qdq
 from compress.qat.schedule import (calibrate, enable_fake_quant, freeze_bn, qat_schedule, qat_summary,
                                    set_observers)
 
-__all__ = ["SCHEME", "FLOAT_CONV_OPS", "INT8_OPS", "QUANT_CONV_OPS", "float_ops_between_int8", "ActFakeQuant", "QAddMul", "QConvBn2d", "QHardsigmoid", "QLinear", "calibrate",
+__all__ = ["SCHEME", "FLOAT_CONV_OPS", "INT8_OPS", "QUANT_CONV_OPS", "float_ops_between_int8", "ActFakeQuant", "host_weight_bits", "QAddMul", "QConvBn2d", "QHardsigmoid", "QLinear", "calibrate",
            "enable_fake_quant", "export_qdq", "finalize_qdq", "freeze_bn", "kernel_report", "load_qat_checkpoint",
            "optimized_ops", "prepare_qat", "ptq_static", "qat_schedule", "qat_summary", "quantized_model",
            "set_observers"]

@@ -16,9 +16,11 @@ from compress.qat.prepare import prepare_qat
 from compress.qat.schedule import enable_fake_quant, freeze_bn, set_observers
 
 
-def quantized_model(model: nn.Module, image_size: int, float_stem: bool = True) -> fx.GraphModule:
+def quantized_model(model: nn.Module, image_size: int, float_stem: bool = True,
+                    weight_bits: int | None = None) -> fx.GraphModule:
     """The fake-quant form of ``model`` in its final, inference state (observers and BN frozen)."""
-    gm = prepare_qat(model, torch.zeros(1, 3, image_size, image_size), float_stem=float_stem)
+    gm = prepare_qat(model, torch.zeros(1, 3, image_size, image_size), float_stem=float_stem,
+                     weight_bits=weight_bits)
     set_observers(gm, False)
     freeze_bn(gm, True)
     enable_fake_quant(gm, True)
@@ -31,7 +33,8 @@ def load_qat_checkpoint(path: Path) -> tuple[fx.GraphModule, dict]:
     try:
         meta = json.loads(meta_path.read_text())
         # checkpoints written before the float stem existed quantized the first convolution too
-        gm = quantized_model(model_from_meta(meta), int(meta["image_size"]), bool(meta.get("float_stem", False)))
+        gm = quantized_model(model_from_meta(meta), int(meta["image_size"]), bool(meta.get("float_stem", False)),
+                             int(meta.get("weight_bits", 8)))
     except (OSError, ValueError, KeyError, TypeError):
         raise CompressError(f"QAT checkpoint metadata {meta_path} is missing or corrupt") from None
     try:

@@ -11,14 +11,37 @@ W_LEVELS = 127.0
 A_QMIN, A_QMAX = 0, 255
 
 
-def weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric scale: max|w| / 127 (so values span [-127, 127])."""
+def weight_levels(bits: int) -> float:
+    """The largest integer of symmetric ``bits``-bit weights: 127 for 8 bits, 63 for 7."""
+    return float(2 ** (bits - 1) - 1)
+
+
+def host_weight_bits() -> int:
+    """The widest weights whose int8 convolutions onnxruntime computes exactly on this machine: 8, or
+    7 on an x86 CPU without VNNI. There, onnxruntime's uint8 × int8 kernels (AVX2) add the products
+    of two neighbouring inputs in 16 bits with saturation (vpmaddubsw): 255·127·2 = 64770 overflows
+    and the convolution differs from the int32 result; with 7-bit weights (±63) the sum stays within
+    32767 and the result is exact again (onnxruntime's own advice: reduce_range on such CPUs)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return 8
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return 7  # an x86 whose features cannot be read: the form that is exact everywhere
+    return 8 if ("avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags) else 7
+
+
+def weight_scale(w: torch.Tensor, levels: float = W_LEVELS) -> torch.Tensor:
+    """Per-output-channel symmetric scale: max|w| / levels (so values span [-levels, levels])."""
     amax = w.detach().abs().flatten(1).amax(dim=1)
-    return (amax / W_LEVELS).clamp_min(1e-12).float()
+    return (amax / float(levels)).clamp_min(1e-12).float()
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = weight_scale(w)
+def fake_quant_weight(w: torch.Tensor, levels: float = W_LEVELS) -> torch.Tensor:
+    scale = weight_scale(w, levels)
     zp = torch.zeros_like(scale, dtype=torch.int32)
     return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, W_QMIN, W_QMAX)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
-from compress.qat.fakequant import (A_QMAX, A_QMIN, W_QMAX, W_QMIN, ActFakeQuant, QATModule, bias_int32, fake_quant_bias,
+from compress.qat.fakequant import (A_QMAX, A_QMIN, W_LEVELS, W_QMAX, W_QMIN, ActFakeQuant, QATModule, bias_int32, fake_quant_bias,
                                     fake_quant_weight, quantize_reinterpret, weight_scale)
 
 
@@ -31,6 +31,7 @@ class QConvBn2d(QATModule):
         self.keep_float = False  # a layer the int8 file runs in float (the stem: see prepare_qat)
         self._input_fq: list = []  # the ActFakeQuant of this layer's input (not a submodule)
         self._output_fq: list = []  # the one that quantizes its output (after a ReLU, if one follows)
+        self.register_buffer("w_levels", torch.tensor(W_LEVELS))  # 127: 8-bit weights, 63: 7-bit
 
     @property
     def output_fq(self) -> "ActFakeQuant | None":
@@ -74,7 +75,8 @@ class QConvBn2d(QATModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.quantize_weight and not self.keep_float
-        q = fake_quant_weight if quantized else (lambda t: t)
+        levels = float(self.w_levels)
+        q = (lambda t: fake_quant_weight(t, levels)) if quantized else (lambda t: t)
         bn = self.bn
         if bn is not None and self.training and not self.freeze_bn:
             std = torch.sqrt(bn.running_var + bn.eps)
@@ -90,9 +92,9 @@ class QConvBn2d(QATModule):
         w, b = self.folded()
         if (not self.training and quantized and _enabled(self.input_fq) and _enabled(self.output_fq)
                 and not torch.onnx.is_in_onnx_export()):
-            return requantized_conv(x, w, b, self.input_fq, self.output_fq, self._conv)
+            return requantized_conv(x, w, b, self.input_fq, self.output_fq, self._conv, levels)
         if quantized:
-            b = fake_quant_bias(b, weight_scale(w), self.input_fq)
+            b = fake_quant_bias(b, weight_scale(w, levels), self.input_fq)
         return self._conv(x, q(w), b)
 
 
@@ -102,7 +104,7 @@ def _enabled(fq) -> bool:
 
 @torch.no_grad()
 def requantized_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, input_fq: ActFakeQuant, output_fq: ActFakeQuant,
-                     conv) -> torch.Tensor:
+                     conv, levels: float = W_LEVELS) -> torch.Tensor:
     """The convolution as onnxruntime's QLinearConv runs it on x86: the exact int32 accumulator of the
     int8 weights and the uint8 input (minus its zero point) plus the int32 bias, converted to float32,
     times the float32 multiplier (s_x · s_w) / s_y, rounded half to even, zero point added, saturated;
@@ -111,7 +113,7 @@ def requantized_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, input_fq
     amplified by the layers after them, are what made the int8 file disagree with the PyTorch model."""
     s_x, _ = input_fq.qparams()
     s_y, z_y = output_fq.qparams()
-    s_w = weight_scale(w)
+    s_w = weight_scale(w, levels)
     sx32, sy32 = _f(s_x), _f(s_y)
     w_int = torch.clamp(torch.round(w.detach() / s_w.reshape(-1, *([1] * (w.dim() - 1)))), W_QMIN, W_QMAX)
     x_int = torch.round(x / sx32)  # x is on its grid: (q - z_x)·s_x
@@ -132,6 +134,7 @@ class QLinear(QATModule):
         self.linear = linear
         self.quantize_weight = False
         self._input_fq: list = []
+        self.register_buffer("w_levels", torch.tensor(W_LEVELS))
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "QLinear":
@@ -148,9 +151,10 @@ class QLinear(QATModule):
         if not self.quantize_weight:
             return F.linear(x, self.linear.weight, self.linear.bias)
         b = self.linear.bias
+        levels = float(self.w_levels)
         if b is not None:
-            b = fake_quant_bias(b, weight_scale(self.linear.weight), self.input_fq)
-        return F.linear(x, fake_quant_weight(self.linear.weight), b)
+            b = fake_quant_bias(b, weight_scale(self.linear.weight, levels), self.input_fq)
+        return F.linear(x, fake_quant_weight(self.linear.weight, levels), b)
 
 
 class FrozenQConv2d(nn.Module):
@@ -162,9 +166,10 @@ class FrozenQConv2d(nn.Module):
         w, b = q.folded()
         # weights snapped to their int8 grid: QuantizeLinear of these values gives back exactly the
         # integers training used, whatever the rounding of the division
-        self.register_buffer("weight", fake_quant_weight(w.detach()).clone())
-        self.register_buffer("bias", fake_quant_bias(b, weight_scale(w), q.input_fq, force=True).detach().clone())
-        self.register_buffer("scale", weight_scale(w))
+        levels = float(q.w_levels)
+        self.register_buffer("weight", fake_quant_weight(w.detach(), levels).clone())
+        self.register_buffer("bias", fake_quant_bias(b, weight_scale(w, levels), q.input_fq, force=True).detach().clone())
+        self.register_buffer("scale", weight_scale(w, levels))
         c = q.conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
 
@@ -179,11 +184,13 @@ class FrozenQLinear(nn.Module):
 
     def __init__(self, q: QLinear):
         super().__init__()
-        self.register_buffer("weight", fake_quant_weight(q.linear.weight.detach()).clone())
+        levels = float(q.w_levels)
+        self.register_buffer("weight", fake_quant_weight(q.linear.weight.detach(), levels).clone())
         b = q.linear.bias
         b = b.detach() if b is not None else torch.zeros(self.weight.shape[0])
-        self.register_buffer("bias", fake_quant_bias(b, weight_scale(q.linear.weight), q.input_fq, force=True).detach().clone())
-        self.register_buffer("scale", weight_scale(self.weight))
+        self.register_buffer("bias", fake_quant_bias(b, weight_scale(q.linear.weight, levels), q.input_fq,
+                                                     force=True).detach().clone())
+        self.register_buffer("scale", weight_scale(self.weight, levels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         zp = torch.zeros_like(self.scale, dtype=torch.int32)

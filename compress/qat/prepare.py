@@ -23,7 +23,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from compress.errors import CompressError, short
-from compress.qat.fakequant import ActFakeQuant
+from compress.qat.fakequant import ActFakeQuant, host_weight_bits, weight_levels
 from compress.qat.modules import QAddMul, QConvBn2d, QGlobalAvgPool, QHardsigmoid, QLinear
 from compress.qat.schedule import set_observers
 
@@ -412,10 +412,12 @@ class _Rewrite:
             gm.graph.erase_node(node)
 
 
-def prepare_qat(model: nn.Module, example_input: torch.Tensor, float_stem: bool = True) -> fx.GraphModule:
+def prepare_qat(model: nn.Module, example_input: torch.Tensor, float_stem: bool = True,
+                weight_bits: int | None = None) -> fx.GraphModule:
     """Rewrite a float model into its fake-quant form (observers on, fake quantization off until
     ``enable_fake_quant``). The input model is not modified. With ``float_stem`` the first convolution
-    and its activation stay float (:meth:`_Rewrite.float_stem`)."""
+    and its activation stay float (:meth:`_Rewrite.float_stem`). ``weight_bits``: 8 or 7 (weights in
+    ±127 or ±63); default: what onnxruntime computes exactly on this machine (:func:`host_weight_bits`)."""
     model = _split_bn_act(copy.deepcopy(model)).eval()
     try:
         graph = _tracer().trace(model)
@@ -436,6 +438,10 @@ def prepare_qat(model: nn.Module, example_input: torch.Tensor, float_stem: bool 
     gm.delete_all_unused_submodules()
     gm.recompile()
     gm.eval()
+    levels = weight_levels(weight_bits or host_weight_bits())
+    for m in gm.modules():
+        if isinstance(m, (QConvBn2d, QLinear)):
+            m.w_levels.fill_(levels)
     set_observers(gm, False)
     with torch.no_grad():
         gm(example_input)  # checks the rewritten graph runs; eval mode leaves BatchNorm statistics alone

@@ -13,9 +13,10 @@ from compress.errors import CompressError, short
 from compress.fsio import atomic_path
 
 
-def ptq_static(fp32: Path, dst: Path, calibration: np.ndarray, batch_size: int = 32) -> None:
+def ptq_static(fp32: Path, dst: Path, calibration: np.ndarray, batch_size: int = 32, reduce_range: bool = False) -> None:
     """onnxruntime's ``quantize_static``: QDQ, per-channel int8 weights, uint8 activations,
-    min/max calibration on ``calibration`` (N, C, H, W)."""
+    min/max calibration on ``calibration`` (N, C, H, W); ``reduce_range``: 7-bit weights (what
+    onnxruntime computes exactly on x86 CPUs without VNNI)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -36,7 +37,8 @@ def ptq_static(fp32: Path, dst: Path, calibration: np.ndarray, batch_size: int =
         out = Path(tmp) / "ptq.onnx"
         try:
             quantize_static(str(pre), str(out), Reader(input_name), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                            per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
         except Exception as e:  # noqa: BLE001
             raise CompressError(f"onnxruntime static quantization failed: {short(e)}") from None
         with atomic_path(dst) as final:

@@ -91,7 +91,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
                    make_model=make_model, student_name=name)
     caches, not_used = attach_teacher_cache(ctx, objective)
     result = fit(student, data.train, data.val, cfg, objective, work, seed=ctx.cfg.seed,
-                 batch_size=ctx.cfg.data.batch_size, desc=f"distill {name} ({cfg.method})")
+                 batch_size=ctx.cfg.data.batch_size, desc=f"distill {name} ({cfg.method})",
+                 on_epoch_end=ctx.epoch_hooks.get("distill"))
     for cache in caches:
         log.info(f"[distill] {cache.summary()}")
     info: dict = {}
@@ -114,6 +115,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         **info,
         **review(ctx, teacher, student),
         "history": result.history,
+        **result.selection(),
+        "derived": ctx.derived.get("distill"),
         "teacher_cache": {"entries": [{"key": c.key, **c.stats} for c in caches]} if caches else {"not_used": not_used},
         "resumed_from_epoch": result.resumed_from_epoch,
         "train_seconds": round(result.seconds, 2),
@@ -129,7 +132,8 @@ def _choose_peer(ctx: RunContext, objective: Objective, student: torch.nn.Module
     names = [name] + list(objective.peer_names)
     val = [M.accuracy(*predict(m, data.val)) for m in models]
     pick = 0 if objective.p.keep == "student" else max(range(len(val)), key=lambda i: (val[i], -i))
-    info = {"peers": [{"model": n, "val_accuracy": v, "test_accuracy": M.accuracy(*predict(m, data.test))}
+    info = {"peers": [{"model": n, "val_accuracy": v,
+                       **({} if ctx.withhold_test else {"test_accuracy": M.accuracy(*predict(m, data.test))})}
                       for n, v, m in zip(names, val, models)],
             "chosen_peer": pick}
     log.info(f"[distill] continuing with peer {pick} ({names[pick]}, val accuracy {val[pick]:.4f})")

@@ -17,6 +17,7 @@ failed check stops the stage and leaves its message, with the numbers, in ``run.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from compress.data import calibration_array
 from compress.errors import CompressError
 from compress.evaluate import onnx_accuracy, ort_predict, ort_session
 from compress.export import export_onnx, parity, update_metadata
+from compress.fsio import write_json
 from compress.logs import FILE_ONLY
 from compress.stages import register
 from compress.stages.common import MODEL_FILE, load_stage_model
@@ -52,7 +54,8 @@ def build_onnx(ctx: RunContext, artifact: A.Artifact, size: int, path: Path,
     if fp32_path is None:
         raise CompressError("PTQ needs the FP32 ONNX file")
     limit = ctx.cfg.quantize.calibration_images if size == ctx.data.image_size else 64
-    qat.ptq_static(fp32_path, path, calibration_array(ctx.data.train, size, limit))
+    qat.ptq_static(fp32_path, path, calibration_array(ctx.data.train, size, limit),
+                   reduce_range=ctx.cfg.quantize.resolved_weight_bits() == 7)
     return None
 
 
@@ -74,7 +77,12 @@ def _export(ctx: RunContext, out: Path, work: Path) -> dict:
     for artifact in shipped:
         path = out / artifact.file
         model = build_onnx(ctx, artifact, data.image_size, path, fp32_path=out / fp32_file)
-        entry = {"file": artifact.file, "opset": ctx.cfg.export.opset, **_check(ctx, artifact, model, path)}
+        try:
+            checked = _check(ctx, artifact, model, path)
+        except CompressError as e:
+            set_aside(ctx, path, e)
+            raise
+        entry = {"file": artifact.file, "opset": ctx.cfg.export.opset, **checked}
         update_metadata(path, _metadata(ctx, artifact, entry["onnx_accuracy"],
                                         float_stem=entry.get("kernels", {}).get("float_convolutions", 0) > 0))
         p = entry.get("parity")
@@ -136,12 +144,29 @@ def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Pa
     return summary
 
 
+REJECTED = "rejected"
+
+
+def set_aside(ctx: RunContext, path: Path, error: CompressError) -> Path:
+    """Keep a file that failed its gate in ``<run>/rejected/`` (not shipped, not deleted), beside a JSON
+    record of why, with the check's numbers; returns where it went."""
+    folder = ctx.run_dir / REJECTED
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder / path.name
+    shutil.copyfile(path, kept)
+    write_json(folder / f"{path.name}.json", {"file": path.name, "reason": str(error),
+                                              "details": getattr(error, "details", {})})
+    log.warning(f"[export] {path.name} failed its check and is not shipped; kept in {kept} with the numbers")
+    return kept
+
+
 def _check(ctx: RunContext, artifact: A.Artifact, model: torch.nn.Module | None, path: Path) -> dict:
     """The gates a file must pass: FP32 files match their PyTorch model within the export tolerances;
     int8 files run every convolution as an int8 kernel and agree with the fake-quant model."""
     cfg, test = ctx.cfg.export, ctx.data.test
     if artifact.precision == "fp32":
-        p = parity(model, path, test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement, rtol=cfg.logit_rtol)
+        p = parity(model, path, test, cfg.max_abs_logit_diff, cfg.min_argmax_agreement, rtol=cfg.logit_rtol,
+                   float64_factor=cfg.float64_factor)
         return {"parity": p, "onnx_accuracy": p["onnx_accuracy"]}
     entry: dict = {"kernels": qat.kernel_report(path)}
     kernels = entry["kernels"]
@@ -187,9 +212,11 @@ def _metadata(ctx: RunContext, artifact: A.Artifact, onnx_accuracy: float, float
     }
     if artifact.made_by == "qat":
         props["compress.quantization"] = {**qat.SCHEME, "method": "quantization-aware training",
+                                          "weight_bits": ctx.metrics("quantize").get("weight_bits", 8),
                                           "first_convolution": "float, quantized after its activation"
                                           if float_stem else "int8"}
     elif artifact.made_by == "ptq":
         props["compress.quantization"] = {**qat.SCHEME, "method": "onnxruntime quantize_static (min/max calibration)",
+                                          "weight_bits": ctx.cfg.quantize.resolved_weight_bits(),
                                           "bias": "int32"}
     return props

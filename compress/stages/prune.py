@@ -103,6 +103,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         "pruned_units": [u.name for u in plan.units][:5] + (["..."] if len(plan.units) > 5 else []),
         "left_whole": plan.left_whole,
         "channels": P.channel_report(arch_before, arch),
+        "derived": ctx.derived.get("prune"),
     }
 
 
@@ -141,11 +142,12 @@ def _steps(ctx: RunContext, model: torch.nn.Module, teacher: torch.nn.Module, pl
         step_cfg = cfg.model_copy(update={"epochs": cfg.epochs + (cfg.final_epochs if last else 0)})
         objective = logit_objective(loss, model, teacher)
         cache = kd_teacher_cache(ctx, objective, step_cfg, ctx.cfg.seed + i)
-        fit(model, data.train, data.val, step_cfg, objective, work / f"step{i + 1}",
+        fitted = fit(model, data.train, data.val, step_cfg, objective, work / f"step{i + 1}",
             seed=ctx.cfg.seed + i, batch_size=ctx.cfg.data.batch_size,
             desc=f"prune {name} step {i + 1}/{cfg.iterative_steps}")
         tuned_logits, _ = predict(model, data.test)
         row["accuracy_after_finetune"] = M.accuracy(tuned_logits, targets)
+        row.update(fitted.selection())
         if cache is not None:
             log.info(f"[prune] step {i + 1}: {cache.summary()}")
             row["teacher_cache"] = {"key": cache.key, **cache.stats}

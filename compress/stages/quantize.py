@@ -36,7 +36,8 @@ def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
     """Rewrite ``student`` into its fake-quant form on a tiny input, calibrate it on noise, and run a
     training step's forward and backward and an inference forward with fake quantization on."""
     size, n = ctx.data.image_size, ctx.data.num_classes
-    gm = qat.prepare_qat(student, torch.zeros(1, 3, size, size), float_stem=ctx.cfg.quantize.float_stem)
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, size, size), float_stem=ctx.cfg.quantize.float_stem,
+                         weight_bits=ctx.cfg.quantize.resolved_weight_bits())
     qat.calibrate(gm, [torch.randn(2, 3, size, size)])
     qat.qat_schedule(gm, 0, ctx.cfg.quantize.freeze_observers_after, ctx.cfg.quantize.freeze_bn_after)
     gm.train()
@@ -49,14 +50,21 @@ def probe(ctx: RunContext, student: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
-@register("quantize", identity=teacher_cache_setting, probe=probe, probe_does="quantized")
+def identity(ctx: RunContext) -> dict:
+    """The teacher-output cache setting, and the weight width ``auto`` resolved to on this machine."""
+    return {**teacher_cache_setting(ctx), "weight_bits": ctx.cfg.quantize.resolved_weight_bits()}
+
+
+@register("quantize", identity=identity, probe=probe, probe_does="quantized")
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.quantize, ctx.data
     source = student_stage(ctx.cfg.stages)
     student = load_stage_model(ctx, source)
     name = ctx.metrics("distill")["model"]
     seed_everything(ctx.cfg.seed)
-    gm = qat.prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size), float_stem=cfg.float_stem)
+    bits = cfg.resolved_weight_bits()
+    gm = qat.prepare_qat(student, torch.zeros(1, 3, data.image_size, data.image_size), float_stem=cfg.float_stem,
+                         weight_bits=bits)
     calib_ds = data.train
     if cfg.calibration_images < len(calib_ds):
         calib_ds = torch.utils.data.Subset(calib_ds, list(range(cfg.calibration_images)))
@@ -75,7 +83,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         log.info(f"[quantize] {cache.summary()}")
     qat.qat_schedule(gm, 10**9, cfg.freeze_observers_after, cfg.freeze_bn_after)  # final state: all frozen
     gm.eval()
-    meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME, "float_stem": cfg.float_stem}
+    meta = {**model_meta(ctx, name, "student_int8"), "qat": True, "scheme": qat.SCHEME, "float_stem": cfg.float_stem,
+            "weight_bits": bits}
     if source == "prune":
         meta["arch"] = read_json(ctx.stage_dir("prune") / "model.json")["arch"]
     save_checkpoint(gm, out / MODEL_FILE, meta)
@@ -83,6 +92,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     return {
         "model": name,
         "scheme": qat.SCHEME,
+        "weight_bits": bits,
         "graph": qat.qat_summary(gm),
         "calibration_images": seen,
         "loss": "kd" if cfg.distill else "ce",
@@ -91,6 +101,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         "fp32_accuracy": ctx.metrics(source)["test_accuracy"],
         "from_stage": source,
         "history": result.history,
+        **result.selection(),
+        "derived": ctx.derived.get("quantize"),
         "teacher_cache": {"key": cache.key, **cache.stats} if cache is not None else None,
         "train_seconds": round(result.seconds, 2),
     }

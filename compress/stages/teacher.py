@@ -25,7 +25,7 @@ from compress.errors import CompressError
 from compress.fsio import (damage, link_or_copy, locked, manifest, read_json, replace_dir, sha256_file, sha256_json,
                           write_json)
 from compress.graph import FORMAT_VERSION
-from compress.models import create_model, load_weights, model_spec, resolve_name, save_checkpoint
+from compress.models import create_model, load_checkpoint, load_weights, model_spec, resolve_name, save_checkpoint
 from compress.stages import register
 from compress.stages.common import (MODEL_FILE, evaluate_model, extra_teachers, model_meta, pretrained_identity,
                                     pretrained_source)
@@ -71,6 +71,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         info = {"model": name, "source": f"checkpoint {cfg.checkpoint}", **evaluate_model(model, ctx), "cached": False}
     else:
         _, info = train_teacher(ctx, name, out, work / name)
+        if "test_accuracy" not in info and not ctx.withhold_test:  # cached by a tuning trial, test withheld
+            info.update(evaluate_model(load_checkpoint(out / MODEL_FILE)[0], ctx))
     extras = {}
     for extra in extra_teachers(ctx):
         _, extras[extra] = train_teacher(ctx, extra, out / "teachers" / extra, work / extra)
@@ -126,8 +128,10 @@ def _train(ctx: RunContext, name: str, out: Path, work: Path) -> tuple[torch.nn.
     train_cfg = cfg.model_copy(update={"lr": cfg.lr * model_spec(name).lr_scale})
     info["lr"] = train_cfg.lr
     result = fit(model, data.train, data.val, train_cfg, objective, work, seed=ctx.cfg.seed,
-                 batch_size=ctx.cfg.data.batch_size, desc=f"teacher {name}")
+                 batch_size=ctx.cfg.data.batch_size, desc=f"teacher {name}", on_epoch_end=ctx.epoch_hooks.get("teacher"))
     info["history"] = result.history
+    info.update(result.selection())
+    info["derived"] = ctx.derived.get("teacher")
     info["train_seconds"] = round(result.seconds, 2)
     save_checkpoint(model, out / MODEL_FILE, model_meta(ctx, name, "teacher"))
     info.update(evaluate_model(model, ctx))
