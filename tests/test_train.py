@@ -93,24 +93,24 @@ def _val_acc(model, data):
     return float((logits.argmax(1) == y).float().mean())
 
 
-def _spoil_last_epoch(model_ref, last):
-    """An on_epoch_start hook that scrambles the weights before the last epoch, so it scores worst."""
-    def hook(epoch):
-        if epoch == last - 1:
+def _fit_with_spoiled_last_epoch(data, work, select):
+    """Four epochs; the weights are scrambled before the last one, so it scores worst."""
+    def spoil(epoch):
+        if epoch == 3:
             with torch.no_grad():
-                for p in model_ref[0].parameters():
+                for p in model.parameters():
                     p.copy_(torch.randn_like(p) * 3)
-    return hook
+
+    torch.manual_seed(0)
+    model = small_cnn(data.num_classes)
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select=select)
+    result = fit(model, data.train, data.val, cfg, logit_objective(HintonKD(alpha=0.0), model), work,
+                 seed=0, batch_size=32, on_epoch_start=spoil)
+    return model, result
 
 
 def test_best_validation_epoch_is_kept_not_the_last(few, tmp_path):
-    ref = []
-    torch.manual_seed(0)
-    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="best")
-    model = small_cnn(few.num_classes)
-    ref.append(model)
-    result = fit(model, few.train, few.val, cfg, logit_objective(HintonKD(alpha=0.0), model), tmp_path,
-                 seed=0, batch_size=32, on_epoch_start=_spoil_last_epoch(ref, 4))
+    model, result = _fit_with_spoiled_last_epoch(few, tmp_path, "best")
     vals = [r["val_acc"] for r in result.history]
     assert vals[-1] < max(vals[:-1])  # the spoiled last epoch is worse
     assert result.selected_epoch == max(i + 1 for i, v in enumerate(vals) if v == max(vals))
@@ -118,13 +118,7 @@ def test_best_validation_epoch_is_kept_not_the_last(few, tmp_path):
 
 
 def test_select_last_keeps_the_last_epoch(few, tmp_path):
-    ref = []
-    torch.manual_seed(0)
-    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="last")
-    model = small_cnn(few.num_classes)
-    ref.append(model)
-    result = fit(model, few.train, few.val, cfg, logit_objective(HintonKD(alpha=0.0), model), tmp_path,
-                 seed=0, batch_size=32, on_epoch_start=_spoil_last_epoch(ref, 4))
+    model, result = _fit_with_spoiled_last_epoch(few, tmp_path, "last")
     assert result.selected_epoch == 4
     assert _val_acc(model, few) == pytest.approx(result.history[-1]["val_acc"])
 
