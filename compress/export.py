@@ -143,6 +143,7 @@ def parity(model: nn.Module, onnx_path: Path, ds: Dataset, max_abs_diff: float, 
     result = {
         "images": int(len(ref)),
         "max_abs_logit_diff": diff,
+        "logit_range": [float(ref.min()), float(ref.max())],  # the PyTorch model's, over the split
         "argmax_agreement": agree,
         "onnx_accuracy": accuracy(got, targets.numpy()),
         "torch_accuracy": accuracy(ref, targets.numpy()),

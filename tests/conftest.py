@@ -37,7 +37,8 @@ def cli():
 
 
 def write_tiny_recipe(folder: Path, name: str = "tiny", **sections) -> Path:
-    """A recipe small enough for a test: 16 px digits, two light models, one epoch each."""
+    """A recipe small enough for a test: 16 px digits, two light models, one epoch each, ONNX files
+    only (the ORT-format and OpenVINO files are the export stage's own tests, and test_stages' full run)."""
     import yaml
 
     raw = {
@@ -47,6 +48,7 @@ def write_tiny_recipe(folder: Path, name: str = "tiny", **sections) -> Path:
         "data": {"dataset": "digits", "image_size": 16, "batch_size": 64},
         "teacher": {"model": "mobilenetv3_small_050", "epochs": 1, "lr": 0.01},
         "distill": {"student": "mobilenetv2_035", "epochs": 1, "lr": 0.01},
+        "export": {"edge_formats": []},
         "bench": {"runs": 5, "warmup": 1, "image_sizes": [16], "threads": [1]},
     }
     for key, value in sections.items():

@@ -7,7 +7,7 @@ import torch
 
 from compress.config import ExportConfig
 from compress.data import DataConfig, load_data, without_augmentation
-from compress.evaluate import loader, predict
+from compress.evaluate import loader
 from compress.export import parity
 from compress.models import create_model
 from compress.qat import (FLOAT_CONV_OPS, QUANT_CONV_OPS, calibrate, export_qdq, float_ops_between_int8, optimized_ops,
@@ -24,7 +24,7 @@ def _convs(model):
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-def _briefly_trained(name, ds, steps=30):
+def _briefly_trained(name, ds, steps=12):
     """A model after a short budget of training on real images (a network at initialization has logits
     near zero and near-ties everywhere: not what the export gate ever sees). Two threads always, so
     that the model does not depend on how many the test process has (make test's workers have one)."""
@@ -39,7 +39,7 @@ def _briefly_trained(name, ds, steps=30):
 def _train_steps(name, ds, steps):
     torch.manual_seed(0)
     model = create_model(name, 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     model.train()
     batches = list(loader(ds, 64, shuffle=True, generator=torch.Generator().manual_seed(0)))
     for i in range(steps):
@@ -47,13 +47,13 @@ def _train_steps(name, ds, steps):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    # BatchNorm statistics as a full epoch would leave them (a few steps leave them half at their init)
+    # BatchNorm statistics averaged over 384 images (a few steps leave them half at their init)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
             m.momentum = None
     with torch.no_grad():
-        for x, _ in batches:
+        for x, _ in batches[:6]:
             model(x)
     return model.eval()
 
@@ -83,6 +83,5 @@ def test_every_student_passes_the_int8_export_gate(name, digits32, tmp_path):
     proto = onnx.load(str(path))
     assert len([t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4]) == stem
     p = parity(gm, path, digits32.test, max_abs_diff=float("inf"), min_agreement=ExportConfig().int8_min_argmax_agreement)
-    ref, _ = predict(gm, digits32.test)
-    spread = float(ref.max() - ref.min())
+    spread = p["logit_range"][1] - p["logit_range"][0]
     assert p["max_abs_logit_diff"] <= 0.05 * spread, (p["max_abs_logit_diff"], spread)

@@ -138,3 +138,45 @@ def test_int8_arithmetic_matches_onnxruntime_kernels():
         got = sess.run(None, {k: np.asarray(v) for k, v in dict(x=x, sx=sx, zx=zx, sy=sy, zy=zy).items()})[0]
         want = qlinear_global_avg_pool(torch.from_numpy(x.astype(np.float32)), float(sx), int(zx), float(sy), int(zy))
         assert np.array_equal(want.numpy().astype(np.uint8), got), hw
+
+
+def _pool_between_quantizations(path, scale_before: float, scale_after: float):
+    """QuantizeLinear → DequantizeLinear → MaxPool → QuantizeLinear → DequantizeLinear, as a QDQ export
+    writes a max pooling between int8 tensors."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    inits = [helper.make_tensor("s0", TensorProto.FLOAT, [], [scale_before]),
+             helper.make_tensor("s1", TensorProto.FLOAT, [], [scale_after]),
+             helper.make_tensor("z", TensorProto.UINT8, [], [0])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s0", "z"], ["q0"]),
+             helper.make_node("DequantizeLinear", ["q0", "s0", "z"], ["d0"]),
+             helper.make_node("MaxPool", ["d0"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["p", "s1", "z"], ["q1"]),
+             helper.make_node("DequantizeLinear", ["q1", "s1", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_max_pooling_runs_on_uint8_only_on_one_grid(tmp_path):
+    """onnxruntime pools uint8 data when the quantizations before and after a max pooling are the same,
+    and in float between them otherwise: the gate counts the second as a float operation; prepare_qat
+    gives a max pooling's output its input's quantizer, so the export writes the first."""
+    from compress.qat import float_ops_between_int8
+
+    assert not float_ops_between_int8(_pool_between_quantizations(tmp_path / "same.onnx", 0.0128, 0.0128))
+    assert float_ops_between_int8(_pool_between_quantizations(tmp_path / "other.onnx", 0.0128, 0.0127))["MaxPool"] == 1
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(8, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    gm = prepare_qat(model, torch.zeros(1, 3, 16, 16))
+    pool = next(n for n in gm.graph.nodes if isinstance(gm.get_submodule(n.target) if n.op == "call_module" else None,
+                                                          torch.nn.MaxPool2d))
+    before, after = (gm.get_submodule(n.target) for n in (pool.args[0], next(iter(pool.users))))
+    assert isinstance(after, ActFakeQuant) and after._tied == [before]
+    calibrate(gm, [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))])
+    qat_schedule(gm, 10**9, 0, 0)
+    export_qdq(gm.eval(), tmp_path / "int8.onnx", 16)
+    assert not float_ops_between_int8(tmp_path / "int8.onnx")

@@ -15,12 +15,16 @@ FLOAT_CONV_OPS = {"Conv", "FusedConv", "ConvTranspose"}
 QUANT_CONV_OPS = {"QLinearConv", "ConvInteger", "NhwcQLinearConv"}
 
 
+# operations that run on whatever element type they read: int8 work when they read uint8 data, float
+# work when they read a dequantized tensor (onnxruntime leaves DequantizeLinear → MaxPool → QuantizeLinear
+# in float when the two quantizations differ, and may wrap that float pooling in NCHWc reorders)
+TYPE_AGNOSTIC_OPS = {"MaxPool", "NhwcMaxPool", "Transpose", "Flatten", "Reshape", "Split", "Slice", "Gather",
+                     "Squeeze", "Unsqueeze", "Identity"}
 # what onnxruntime may run between int8 kernels besides them: the layout changes into the NHWC int8
 # convolutions and back, and operations that move uint8 data as it is
 INT8_OPS = {"QLinearConv", "NhwcQLinearConv", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-            "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QGemm", "MaxPool",
-            "NhwcMaxPool", "QuantizeLinear", "DequantizeLinear", "Transpose", "Flatten", "Reshape", "Split",
-            "Slice", "Gather", "Squeeze", "Unsqueeze", "Identity"}
+            "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QGemm",
+            "QuantizeLinear", "DequantizeLinear"} | TYPE_AGNOSTIC_OPS
 
 
 def _optimized_graph(path: Path, threads: int = 1) -> onnx.GraphProto:
@@ -44,11 +48,13 @@ def optimized_ops(path: Path, threads: int = 1, shape_arithmetic: bool = True) -
 
 def float_ops_between_int8(path: Path, threads: int = 1) -> Counter:
     """Operations onnxruntime runs in float after the input's first quantization (shape arithmetic
-    aside): none in a fully int8 file. What runs before it (a float stem) is not counted."""
+    aside): none in a fully int8 file. What runs before it (a float stem) is not counted; a pooling,
+    reshape or slice counts as float when it reads a dequantized tensor."""
     graph = _optimized_graph(path, threads)
     shape_only = _shape_only(graph)
     before = {i.name for i in graph.input}  # tensors computed before any quantization
     constants = {i.name for i in graph.initializer}
+    floats: set[str] = set()  # float tensors after the first quantization
     out: Counter = Counter()
     for n in graph.node:  # topological order
         if shape_only(n):
@@ -56,7 +62,12 @@ def float_ops_between_int8(path: Path, threads: int = 1) -> Counter:
         data_inputs = [i for i in n.input if i]
         if n.op_type != "QuantizeLinear" and data_inputs and all(i in before or i in constants for i in data_inputs):
             before.update(n.output)
+        elif n.op_type == "DequantizeLinear" or (n.op_type in TYPE_AGNOSTIC_OPS and data_inputs[0] in floats):
+            floats.update(n.output)
+            if n.op_type != "DequantizeLinear":
+                out[n.op_type] += 1
         elif n.op_type not in INT8_OPS:
+            floats.update(n.output)
             out[n.op_type] += 1
     return out
 

@@ -144,12 +144,16 @@ _MOVE_METHODS = {"chunk", "split", "view", "reshape", "flatten", "transpose", "p
 
 
 def _moves_data(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops that only move values (slices, reshapes, shuffles): their output stays on the input's grid."""
+    """Ops whose every output value is one of their input values (slices, reshapes, shuffles, max
+    pooling): their output stays on the input's grid. onnxruntime runs a max pooling on uint8 data only
+    when the quantization parameters before and after it are the same; with others it dequantizes,
+    pools in float and quantizes again."""
     if node.op == "call_function":
-        return node.target in _MOVE_FUNCS or getattr(node.target, "__name__", "") == "channel_shuffle"
+        return (node.target in _MOVE_FUNCS or node.target is F.max_pool2d
+                or getattr(node.target, "__name__", "") == "channel_shuffle")
     if node.op == "call_method":
         return node.target in _MOVE_METHODS
-    return isinstance(_module_of(gm, node), (nn.Identity, nn.Dropout, nn.Flatten))
+    return isinstance(_module_of(gm, node), (nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d))
 
 
 def _quantized_source(gm: fx.GraphModule, node: fx.Node) -> ActFakeQuant | None:
