@@ -75,3 +75,15 @@ def render(page: Path) -> dict:
     attrs = dict(re.findall(r'data-([a-z-]+)="(\d+)"', body.group(1)))
     return {"images": int(attrs.get("images", -1)), "decoded": int(attrs.get("decoded", -1)),
             "rows": int(attrs.get("table-rows", -1)), "dom": out.stdout}
+
+
+# the files whose tests take longest, longest first: make test's workers take whole files in collection
+# order, so these start first and the short files fill in at the end (a long file picked up last leaves
+# the other worker idle while it runs)
+LONG_FILES = ["test_int8_gate.py", "test_cli.py", "test_interrupts.py", "test_stages.py", "test_methods.py",
+              "test_tune.py", "test_distributed.py", "test_reports.py", "test_sweep.py", "test_teacher_cache.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept

@@ -37,7 +37,7 @@ def _tune_cmd(recipe, artifacts):
 
 @pytest.mark.e2e
 def test_killed_search_resumes_and_chooses_the_same_settings(tiny_recipe, tmp_path):
-    recipe = tiny_recipe("search", stages=["teacher"], teacher={"epochs": 3}, tune=TUNE)
+    recipe = tiny_recipe("search", stages=["teacher"], teacher={"epochs": 2}, tune=TUNE)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = run_cli("tune", recipe, "--artifacts", tmp_path / "a", timeout=600)
     assert straight.returncode == 0, straight.stderr
