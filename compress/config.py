@@ -375,7 +375,9 @@ class ComputeConfig(_Strict):
     mixed_precision: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="autocast on CUDA (fp16 with a gradient scaler); auto: bf16 where the GPU has "
                             "it, else fp16; CPU always trains in float32")
-    channels_last: bool | Literal["auto"] = Field("auto", description="NHWC memory format on CUDA; auto: on")
+    channels_last: bool | Literal["auto"] = Field("auto", description="NHWC memory format for training; auto: on "
+                                                                  "CUDA only (on CPU it wins or loses by model and "
+                                                                  "size: benchmarks/memory_format.py)")
 
 
 class PipelineConfig(_Strict):

@@ -125,8 +125,9 @@ class HardwarePlan:
 
 def hardware_plan(device: torch.device, per_process_batch: int) -> HardwarePlan:
     """What a training on ``device`` uses: SyncBatchNorm with several processes on CUDA (torch has it
-    for GPUs only: on CPU each process normalizes its own share of the batch), autocast and
-    channels-last only on CUDA (a CPU trains in float32, as it always did)."""
+    for GPUs only: on CPU each process normalizes its own share of the batch), autocast only on CUDA
+    (a CPU trains in float32), channels-last memory on CUDA by default and on CPU when the recipe asks
+    (oneDNN's NHWC kernels win or lose by model and size: ``benchmarks/memory_format.py``)."""
     cuda = device.type == "cuda"
     if active() and not cuda and options.sync_bn is True:
         raise CompressError("compute.sync_bn: torch runs SyncBatchNorm on CUDA only; on CPU set it to auto or "
@@ -137,17 +138,21 @@ def hardware_plan(device: torch.device, per_process_batch: int) -> HardwarePlan:
     if cuda and options.mixed_precision != "off":
         bf16 = options.mixed_precision == "bf16" or (options.mixed_precision == "auto" and torch.cuda.is_bf16_supported())
         dtype = torch.bfloat16 if bf16 else torch.float16
-    cl = cuda and options.channels_last in (True, "auto")
+    cl = options.channels_last is True or (cuda and options.channels_last == "auto")
     return HardwarePlan(sync, dtype, cl)
 
 
 def effective(device_type: str, per_process_batch: int) -> dict:
-    """The settings that change what a training computes here, for a stage's fingerprint: empty for
-    one CPU process (so its fingerprints are what they always were)."""
+    """The settings that change what a training computes here, for a stage's fingerprint: on CPU only
+    channels-last memory, when asked for (it changes the order of float32 sums); empty for one CPU
+    process by default (so its fingerprints are what they always were)."""
     out: dict = {}
     if active():
         out["world"] = world()
-    if device_type == "cuda":
+    if device_type != "cuda":
+        if hardware_plan(torch.device(device_type), per_process_batch).channels_last:
+            out["channels_last"] = True
+    else:
         plan = hardware_plan(torch.device("cuda"), per_process_batch)
         out["sync_bn"] = plan.sync_bn
         out["autocast"] = str(plan.autocast_dtype).removeprefix("torch.") if plan.autocast_dtype else "off"

@@ -270,8 +270,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
                             f"use a multiple of {world}")
     per_process = batch_size // world
     hw = dist.hardware_plan(device, per_process)
-    if hw.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if hw.channels_last:  # the teachers too: their forward pass reads the same NHWC batch
+        for m in (model, objective, *objective.frozen_models()):
+            m.to(memory_format=torch.channels_last)
     restore_batchnorm = dist.sync_batchnorm(model) if hw.sync_bn else None
     optimizer = make_optimizer(nn.ModuleList([model, objective]), cfg)
     mixer = batch_mixer(cfg, _num_classes(train_ds))

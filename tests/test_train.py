@@ -167,3 +167,28 @@ def test_steps_become_epochs_for_the_data():
     # one batch holds every image: one step an epoch
     assert resolve_schedule(cfg, 50, 64)[0].epochs == 100
     assert resolve_schedule(TrainConfig(epochs=7), 1600, 64) == (TrainConfig(epochs=7), None)
+
+
+def test_channels_last_on_cpu_when_asked_and_in_the_fingerprint(digits16, tmp_path):
+    """compute.channels_last: auto keeps a CPU training in NCHW (and its fingerprint as it was); true
+    trains the student and its teacher in NHWC memory, says so in the fingerprint, and learns alike."""
+    from compress import dist
+
+    cpu = torch.device("cpu")
+    assert not dist.hardware_plan(cpu, 32).channels_last and dist.effective("cpu", 32) == {}
+    torch.manual_seed(1)
+    teacher = small_cnn(digits16.num_classes).eval()
+    try:
+        dist.configure(channels_last=True)
+        assert dist.hardware_plan(cpu, 32).channels_last and dist.effective("cpu", 32) == {"channels_last": True}
+        model = _train(digits16, tmp_path / "nhwc", epochs=2, teacher=teacher, alpha=0.3)
+    finally:
+        dist.configure()
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+    reference = _train(digits16, tmp_path / "nchw", epochs=2, teacher=teacher, alpha=0.3)
+    assert not reference[0].weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc, y = predict(model, digits16.test)
+    nchw, _ = predict(reference, digits16.test)
+    acc = lambda logits: (logits.argmax(1) == y).float().mean().item()  # noqa: E731
+    assert acc(nhwc) > 0.5 and abs(acc(nhwc) - acc(nchw)) < 0.05
