@@ -25,6 +25,20 @@ def decode_workers(ds: Dataset) -> int:
     return int(getattr(_base(ds), "workers", 0) or 0)
 
 
+def decoded_once(ds: Dataset, max_bytes: int = 512 * 2**20) -> Dataset:
+    """A split that decodes image files, decoded and transformed once into memory when its tensors fit
+    in ``max_bytes``: what a training validates on every epoch (its evaluation transform is fixed, so
+    every epoch would decode the same tensors again, in worker processes started anew each time).
+    In-memory splits, and splits too large, come back as they are."""
+    if not getattr(_base(ds), "seeded", False) or not len(ds):  # seeded: decodes files (FolderDataset)
+        return ds
+    x, _ = ds[0]
+    if x.numel() * x.element_size() * len(ds) > max_bytes:
+        return ds
+    xs, ys = zip(*loader(ds, 256))
+    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
 def loader(ds: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> DataLoader:
     drop_last = shuffle and len(ds) > batch_size  # a lone 1-image batch breaks BatchNorm
     workers = decode_workers(ds)

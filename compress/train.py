@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, Subset
 
 from compress import dist
 from compress.errors import CompressError, short
-from compress.evaluate import TrainLoader, predict
+from compress.evaluate import TrainLoader, decoded_once, predict
 from compress.fsio import atomic_path, write_bytes
 from compress.metrics import accuracy
 
@@ -269,6 +269,7 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         raise CompressError(f"{desc}: data.batch_size {batch_size} does not split evenly over {world} processes; "
                             f"use a multiple of {world}")
     per_process = batch_size // world
+    val_ds = decoded_once(val_ds)  # validated every epoch: image files decoded once
     hw = dist.hardware_plan(device, per_process)
     if hw.channels_last:  # the teachers too: their forward pass reads the same NHWC batch
         for m in (model, objective, *objective.frozen_models()):

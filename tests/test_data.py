@@ -204,3 +204,24 @@ def test_pretrained_input_settings_fill_what_the_recipe_leaves_unset(tmp_path):
     own = load_data(cfg.data.model_copy(update={"image_size": 48, "interpolation": "bilinear"}), defaults=defaults)
     assert (own.image_size, own.interpolation) == (48, "bilinear")  # the recipe wins
     assert input_defaults(validate_recipe({"name": "q", "data": {"dataset": ds}})) is None
+
+
+def test_a_validation_split_of_image_files_is_decoded_once(tmp_path):
+    """What a training validates on every epoch: the same tensors as decoding the files, held in memory
+    when they fit; a split too large for the limit, and an in-memory split, are used as they are."""
+    import torch
+
+    from compress.evaluate import decoded_once, predict
+
+    _write_pngs(tmp_path / "imgs", per_class=12)
+    d = load_data(DataConfig(dataset=f"imagefolder:{tmp_path / 'imgs'}", image_size=16, val_fraction=0.3, workers=0))
+    held = decoded_once(d.val)
+    assert isinstance(held, torch.utils.data.TensorDataset) and len(held) == len(d.val)
+    for i in range(len(d.val)):
+        assert torch.equal(held[i][0], d.val[i][0]) and int(held[i][1]) == int(d.val[i][1])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+    for a, b in zip(predict(model, held), predict(model, d.val)):
+        assert torch.equal(a, b)
+    assert decoded_once(d.val, max_bytes=3 * 16 * 16 * 4 * len(d.val) - 1) is d.val
+    digits = load_data(DataConfig(image_size=16))
+    assert decoded_once(digits.val) is digits.val
