@@ -233,7 +233,7 @@ def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force
     stage's result. The run folder is locked while the stages and ``finish`` (the caller's reports)
     run: another process running the same name waits for it, at most ``lock_timeout`` seconds when
     given (0: it refuses at once). ``withhold_test``: the test split is never read (a tuning trial);
-    ``epoch_hooks``: per stage, ``hook(epoch, row)`` called after each of its training epochs (a
+    ``epoch_hooks``: per stage, ``hook(epoch, row)`` called after each of its validated epochs (a
     tuner's pruner)."""
     run_dir = artifacts / cfg.name
     ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force,

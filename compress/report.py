@@ -282,7 +282,8 @@ def _kept(m: dict) -> str:
     for r in rows:
         if not isinstance(r, dict) or not r.get("selected_epoch"):
             continue
-        epochs = len(r["history"]) if isinstance(r.get("history"), list) else None
+        history = r.get("history") if isinstance(r.get("history"), list) else None
+        epochs = history[-1].get("epoch") if history and isinstance(history[-1], dict) else None
         parts.append(f"epoch {r['selected_epoch']}" + (f"/{epochs}" if epochs else "")
                      + (" (moving average)" if r.get("ema") else "")
                      + (f", val {r['selected_val_accuracy']:.4f}" if r.get("selected_val_accuracy") is not None else ""))

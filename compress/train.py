@@ -38,6 +38,8 @@ from compress.metrics import accuracy
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
+#: validations (and checkpoints) a schedule of unset ``val_every`` makes at most, about
+MAX_VALIDATIONS = 60
 
 
 class TrainConfig(BaseModel):
@@ -66,6 +68,11 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an exponential moving average of the "
                                     "weights (timm's ModelEmaV3, decay warmed up over the first steps); the "
                                     "average is what is validated and kept; unset: off")
+    val_every: int | None = Field(None, ge=1, le=10_000, exclude_if=lambda v: v is None,
+                                  description="validate, offer the weights for keeping and checkpoint every N epochs "
+                                  "and after the last; unset: every epoch, and on a schedule of more than "
+                                  f"{MAX_VALIDATIONS} epochs (a small set on a schedule in steps) about "
+                                  f"{MAX_VALIDATIONS} times in all")
 
     #: settings counted in epochs, scaled with the derived epoch count when ``steps`` is set
     EPOCH_SETTINGS: ClassVar[tuple[str, ...]] = ("warmup_epochs",)
@@ -92,7 +99,17 @@ def resolve_schedule(cfg: TrainConfig, train_images: int, batch_size: int) -> tu
         update[name] = min(epochs, int(round(getattr(cfg, name) * factor)))
     record = {"steps": cfg.steps, "batches_per_epoch": per_epoch, "epochs": epochs,
               **{k: v for k, v in update.items() if k not in ("epochs", "steps")}}
-    return cfg.model_copy(update=update), record
+    resolved = cfg.model_copy(update=update)
+    if validation_interval(resolved) > 1:
+        record["validated every"] = f"{validation_interval(resolved)} epochs"
+    return resolved, record
+
+
+def validation_interval(cfg: TrainConfig) -> int:
+    """Every how many epochs the loop validates and checkpoints: ``val_every``, or 1 up to
+    :data:`MAX_VALIDATIONS` epochs and ceil(epochs / MAX_VALIDATIONS) beyond, so that 200 images on a
+    schedule of 2,000 steps (667 epochs of 3 batches) are not validated 667 times."""
+    return cfg.val_every or max(1, math.ceil(cfg.epochs / MAX_VALIDATIONS))
 
 
 def batch_mixer(cfg: TrainConfig, num_classes: int):
@@ -357,6 +374,8 @@ def _ema(model: nn.Module, cfg: TrainConfig):
 def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_path, device, hw, result, start, seed,
             desc, n_train, on_epoch_end, on_epoch_start, ema, keeper) -> None:
     scaler = torch.amp.GradScaler("cuda") if hw.autocast_dtype == torch.float16 else None
+    every = validation_interval(cfg)
+    total_loss, correct, seen = 0.0, 0, 0  # since the last validation
     for epoch in range(start, cfg.epochs):
         # each process its own random stream (augmentation, mixup, dropout: two processes must not draw
         # the same shifts for their halves of a batch); rank 0's is a one-process run's. The order of
@@ -369,7 +388,6 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
         objective.set_epoch(epoch, cfg.epochs)
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        total_loss, correct, seen = 0.0, 0, 0
         bar = _progress(batches, f"{desc} {epoch + 1}/{cfg.epochs}")
         for step, (x, y) in enumerate(bar):
             for g in optimizer.param_groups:
@@ -400,7 +418,9 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
             seen += len(y)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-        if dist.active():  # the epoch's figures over every process's share
+        if (epoch + 1) % every and epoch + 1 < cfg.epochs:
+            continue  # validated, offered and checkpointed every `every` epochs and after the last
+        if dist.active():  # the epochs' figures over every process's share
             total_loss, correct, seen = dist.all_sum([total_loss, correct, seen])
         candidate = ema.module if ema is not None else model
         row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "train_acc": correct / max(1, seen),
@@ -416,6 +436,7 @@ def _epochs(net, model, objective, optimizer, feed, mixer, val_ds, cfg, ckpt_pat
             _save_state(ckpt_path, {"model": model_state, "objective": extra_state,
                                     "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                     "history": result.history, "kept": keeper.to_dict(), **extra})
+        total_loss, correct, seen = 0.0, 0, 0
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
 

@@ -192,3 +192,30 @@ def test_channels_last_on_cpu_when_asked_and_in_the_fingerprint(digits16, tmp_pa
     nchw, _ = predict(reference, digits16.test)
     acc = lambda logits: (logits.argmax(1) == y).float().mean().item()  # noqa: E731
     assert acc(nhwc) > 0.5 and abs(acc(nhwc) - acc(nchw)) < 0.05
+
+
+def test_validation_every_n_epochs_and_after_the_last_resumes_the_same(few, tmp_path):
+    from compress.train import MAX_VALIDATIONS, resolve_schedule, validation_interval
+
+    cfg = TrainConfig(epochs=5, lr=0.1, warmup_epochs=0, val_every=2)
+    seen = []
+    straight, r1 = _fit_small(few, tmp_path / "a", cfg, on_epoch_end=lambda e, row: seen.append(e))
+    assert seen == [2, 4, 5] and [r["epoch"] for r in r1.history] == [2, 4, 5]
+    assert r1.selected_epoch in (2, 4, 5)
+
+    def stop(epoch, row):
+        if epoch == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _fit_small(few, tmp_path / "b", cfg, on_epoch_end=stop)
+    resumed, r2 = _fit_small(few, tmp_path / "b", cfg)
+    assert r2.resumed_from_epoch == 4 and [r["epoch"] for r in r2.history] == [2, 4, 5]
+    assert (r1.selected_epoch, r1.selected_val_acc) == (r2.selected_epoch, r2.selected_val_acc)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # unset: every epoch on a short schedule; about MAX_VALIDATIONS times on a long one
+    assert validation_interval(TrainConfig(epochs=MAX_VALIDATIONS)) == 1
+    long, derived = resolve_schedule(TrainConfig(steps=2000, epochs=50), train_images=200, batch_size=64)
+    assert long.epochs == 667 and validation_interval(long) == 12 and derived["validated every"] == "12 epochs"
+    assert "val_every" not in TrainConfig().model_dump()  # unset leaves stored fingerprints as they were
