@@ -170,7 +170,7 @@ class ExportConfig(_Strict):
     file and checked against it (``ort``: onnxruntime's ORT format, bitwise identical logits, and
     onnxruntime's mobile usability verdict; ``openvino``: OpenVINO IR, when the package is installed,
     FP32 files agreeing with their ONNX file as often as ``min_argmax_agreement`` asks, INT8 files as
-    ``openvino_int8_min_argmax_agreement`` asks)."""
+    ``openvino_int8_min_argmax_agreement`` asks and as accurate within chance)."""
 
     opset: int = Field(18, ge=17, le=23)
     max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0, description="FP32 parity: absolute part of the tolerance")
@@ -186,8 +186,11 @@ class ExportConfig(_Strict):
     int8_min_argmax_agreement: float = Field(0.995, gt=0.0, le=1.0,
                                              description="INT8 ONNX against the PyTorch fake-quant model")
     openvino_int8_min_argmax_agreement: float = Field(
-        0.995, gt=0.0, le=1.0, description="INT8 OpenVINO IR against its ONNX file (OpenVINO's int8 arithmetic "
-        "differs from onnxruntime's, most after residual additions; small top-2 margins flip more often)")
+        0.9, gt=0.0, le=1.0, description="INT8 OpenVINO IR against its ONNX file: a floor. OpenVINO's int8 "
+        "arithmetic is not onnxruntime's (it fuses a residual addition into the convolution before "
+        "rounding, where onnxruntime rounds each to int8 first), so images whose top two classes lie close "
+        "flip; the IR must also be as accurate as the ONNX file on the split's labels within chance "
+        "(McNemar's test, two standard deviations)")
     edge_formats: list[str] = Field(list(EDGE_FORMATS), description="edge formats of the student files: "
                                     + ", ".join(EDGE_FORMATS) + " ([] for ONNX only)")
 

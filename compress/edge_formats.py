@@ -233,12 +233,30 @@ def to_openvino(onnx_path: Path, out_dir: Path, work: Path) -> dict:
             "compress_to_fp16": False}
 
 
+def accuracy_no_worse(got: np.ndarray, ref: np.ndarray, labels: np.ndarray) -> dict:
+    """Whether logits ``got`` are as accurate as ``ref`` on ``labels`` within chance: of the images the
+    two classify differently, those only ``ref`` gets right (``c``) may outnumber those only ``got``
+    gets right (``b``) by at most two standard deviations of that difference under the hypothesis that
+    neither is better (McNemar's test: c - b <= 2 sqrt(b + c)). Two int8 runtimes that round
+    differently disagree on images whose top two classes lie close; what the user loses is accuracy."""
+    got_right, ref_right = got.argmax(1) == labels, ref.argmax(1) == labels
+    c, b = int((ref_right & ~got_right).sum()), int((got_right & ~ref_right).sum())
+    bound = 2.0 * float(np.sqrt(b + c))
+    return {"accuracy": float(got_right.mean()) if len(labels) else float("nan"),
+            "reference_accuracy": float(ref_right.mean()) if len(labels) else float("nan"),
+            "right_only_in_reference": c, "right_only_here": b, "max_net_images_lost": round(bound, 2),
+            "no_worse": c - b <= bound}
+
+
 def openvino_parity(xml_path: Path, onnx_path: Path, ds: Dataset, min_agreement: float,
-                    onnx_logits: np.ndarray | None = None) -> dict:
+                    onnx_logits: np.ndarray | None = None, *, accuracy_gate: bool = False) -> dict:
     """The OpenVINO IR against its ONNX file (onnxruntime, the pipeline's session; ``onnx_logits`` when
     already computed) on the whole split: compiled for the CPU with the f32 precision hint. The gate:
-    argmax agreement of at least ``min_agreement``; max |Δlogit| is recorded. A failed gate is returned
-    (``passed`` false, ``reason``), not raised: the caller decides what an IR that disagrees costs."""
+    argmax agreement of at least ``min_agreement``; with ``accuracy_gate`` (INT8 files, whose int8
+    arithmetic OpenVINO does its own way) also an accuracy on the split's labels no worse than the ONNX
+    file's within chance (:func:`accuracy_no_worse`); max |Δlogit| is recorded. A failed gate is
+    returned (``passed`` false, ``reason``), not raised: the caller decides what an IR that disagrees
+    costs."""
     import openvino as ov
 
     try:
@@ -246,7 +264,11 @@ def openvino_parity(xml_path: Path, onnx_path: Path, ds: Dataset, min_agreement:
     except Exception as e:  # noqa: BLE001
         raise CompressError(f"OpenVINO cannot compile {xml_path.name}: {short(e, 200)}") from None
     request, output = compiled.create_infer_request(), compiled.outputs[0]
-    got = np.concatenate([request.infer({0: x.numpy()})[output].copy() for x, _ in loader(ds, 256)])
+    got, labels = [], []
+    for x, y in loader(ds, 256):
+        got.append(request.infer({0: x.numpy()})[output].copy())
+        labels.append(y.numpy())
+    got, labels = np.concatenate(got), np.concatenate(labels)
     ref = onnx_logits if onnx_logits is not None else ort_predict(ort_session(onnx_path), ds)[0]
     diff = float(np.abs(got - ref).max()) if ref.size else 0.0
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
@@ -258,12 +280,22 @@ def openvino_parity(xml_path: Path, onnx_path: Path, ds: Dataset, min_agreement:
         "max_abs_logit_diff": diff,
         "argmax_agreement": agree,
         "min_argmax_agreement": min_agreement,
-        "passed": agree >= min_agreement,
     }
-    if not result["passed"]:
-        result["reason"] = (f"OpenVINO parity failed for {xml_path.name}: argmax agreement with {onnx_path.name} "
-                            f"{agree:.4%} (limit {min_agreement:.2%}), max |Δlogit| {diff:.3g}; logits reach "
-                            f"{float(np.abs(ref).max()):.3g}")
+    reasons = []
+    if agree < min_agreement:
+        reasons.append(f"argmax agreement with {onnx_path.name} {agree:.4%} (limit {min_agreement:.2%}), "
+                       f"max |Δlogit| {diff:.3g}; logits reach {float(np.abs(ref).max()):.3g}")
+    if accuracy_gate:
+        acc = accuracy_no_worse(got, ref, labels)
+        result["accuracy_check"] = acc
+        if not acc["no_worse"]:
+            reasons.append(f"accuracy {acc['accuracy']:.4f} against {acc['reference_accuracy']:.4f} for "
+                           f"{onnx_path.name}: {acc['right_only_in_reference']} images right only in onnxruntime, "
+                           f"{acc['right_only_here']} only in OpenVINO (chance allows a net "
+                           f"{acc['max_net_images_lost']:.1f})")
+    result["passed"] = not reasons
+    if reasons:
+        result["reason"] = f"OpenVINO parity failed for {xml_path.name}: " + "; ".join(reasons)
     return result
 
 

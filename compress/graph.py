@@ -28,7 +28,7 @@ GRAPH: tuple[StageNode, ...] = (
     StageNode("distill", needs=("teacher",), reads=("teacher", "assistant"), trains=True),
     StageNode("prune", needs=("distill",), reads=("teacher", "distill"), trains=True),
     StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=7, trains=True),
-    StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=8),
+    StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=9),
     StageNode("bench", needs=("export",), reads=("export",), version=6),
 )
 NODES: dict[str, StageNode] = {n.name: n for n in GRAPH}

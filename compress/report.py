@@ -235,8 +235,9 @@ def export_tables(metrics: dict, code=lambda t: t) -> list[tuple[str, list[str],
             shipped = e["openvino"].get("shipped", True)
             rows.append([a.label, f"{code(e['openvino']['xml'])} + {code(e['openvino']['bin'])}"
                          + ("" if shipped else " (not shipped)"),
-                         f"{code(e['file'])} (onnxruntime)", f"agreement ≥ {v['min_argmax_agreement']:.2%} "
-                         f"({v['device']}, {', '.join(f'{k_} {v_}' for k_, v_ in v['config'].items())})",
+                         f"{code(e['file'])} (onnxruntime)", f"agreement ≥ {v['min_argmax_agreement']:.2%}"
+                         + (_accuracy_gate(v["accuracy_check"]) if "accuracy_check" in v else "")
+                         + f" ({v['device']}, {', '.join(f'{k_} {v_}' for k_, v_ in v['config'].items())})",
                          f"{v['max_abs_logit_diff']:.2e}", f"{v['argmax_agreement']:.2%}", _verdict(v), "—"])
         if "mobile_usability" in e:
             u = e["mobile_usability"]
@@ -288,6 +289,13 @@ def _kept(m: dict) -> str:
                      + (" (moving average)" if r.get("ema") else "")
                      + (f", val {r['selected_val_accuracy']:.4f}" if r.get("selected_val_accuracy") is not None else ""))
     return "; ".join(parts)
+
+
+def _accuracy_gate(acc: dict) -> str:
+    """The INT8 OpenVINO gate's accuracy part, with its measured figures."""
+    return (f"; accuracy {acc['accuracy']:.4f} no worse than {acc['reference_accuracy']:.4f} within chance "
+            f"(right only in onnxruntime {acc['right_only_in_reference']}, only here {acc['right_only_here']}, "
+            f"net allowed {acc['max_net_images_lost']:.1f})")
 
 
 def stage_rows(ctx: RunContext) -> list[list[str]]:

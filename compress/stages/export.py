@@ -130,7 +130,8 @@ def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Pa
     for a in artifacts if openvino else []:
         ir = E.to_openvino(onnx[a.role], out, work)
         limit = cfg.min_argmax_agreement if a.precision == "fp32" else cfg.openvino_int8_min_argmax_agreement
-        p = E.openvino_parity(out / ir["xml"], onnx[a.role], test, limit, logits[a.role])
+        p = E.openvino_parity(out / ir["xml"], onnx[a.role], test, limit, logits[a.role],
+                              accuracy_gate=a.precision != "fp32")
         if not p["passed"]:
             # OpenVINO computes int8 with its own kernels: an IR that disagrees is dropped, the rest ships
             for name in (ir["xml"], ir["bin"]):
@@ -139,8 +140,10 @@ def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Pa
             log.warning(f"[export] {p['reason']}: the IR is not shipped")
             continue
         result[a.role]["openvino"] = {**ir, "shipped": True, "parity": p}
+        acc = p.get("accuracy_check")
         log.info(f"[export] {ir['xml']}: agreement {p['argmax_agreement']:.2%} with {a.file} (limit {limit:.2%}), "
-                 f"max |Δlogit| {p['max_abs_logit_diff']:.2e}")
+                 f"max |Δlogit| {p['max_abs_logit_diff']:.2e}"
+                 + (f"; accuracy {acc['accuracy']:.4f} against {acc['reference_accuracy']:.4f}" if acc else ""))
     return summary
 
 
