@@ -146,17 +146,14 @@ def effective(device_type: str, per_process_batch: int) -> dict:
     """The settings that change what a training computes here, for a stage's fingerprint: on CPU only
     channels-last memory, when asked for (it changes the order of float32 sums); empty for one CPU
     process by default (so its fingerprints are what they always were)."""
-    out: dict = {}
-    if active():
-        out["world"] = world()
-    if device_type != "cuda":
-        if hardware_plan(torch.device(device_type), per_process_batch).channels_last:
-            out["channels_last"] = True
-    else:
-        plan = hardware_plan(torch.device("cuda"), per_process_batch)
+    out: dict = {"world": world()} if active() else {}
+    plan = hardware_plan(torch.device(device_type), per_process_batch)
+    if device_type == "cuda":
         out["sync_bn"] = plan.sync_bn
         out["autocast"] = str(plan.autocast_dtype).removeprefix("torch.") if plan.autocast_dtype else "off"
         out["channels_last"] = plan.channels_last
+    elif plan.channels_last:
+        out["channels_last"] = True
     return out
 
 
