@@ -126,18 +126,23 @@ def test_select_last_keeps_the_last_epoch(few, tmp_path):
 def test_best_epoch_survives_a_resume(few, tmp_path):
     cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0, select="best")
     straight, r1 = _fit_small(few, tmp_path / "a", cfg)
+    r2 = _killed_after_then_resumed_same(few, tmp_path / "b", cfg, 3, straight, r1)
+    assert r2.resumed_from_epoch == 3
 
-    def stop(epoch, row):
-        if epoch == 3:
+
+def _killed_after_then_resumed_same(data, work, cfg, epoch, straight, r1):
+    """Kill a run after ``epoch``'s end-of-epoch hook, rerun it, and check it ends as the straight one."""
+    def stop(e, row):
+        if e == epoch:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _fit_small(few, tmp_path / "b", cfg, on_epoch_end=stop)
-    resumed, r2 = _fit_small(few, tmp_path / "b", cfg)
-    assert r2.resumed_from_epoch == 3
+        _fit_small(data, work, cfg, on_epoch_end=stop)
+    resumed, r2 = _fit_small(data, work, cfg)
     assert (r1.selected_epoch, r1.selected_val_acc) == (r2.selected_epoch, r2.selected_val_acc)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    return r2
 
 
 def test_moving_average_is_validated_and_kept(few, tmp_path):
@@ -202,18 +207,8 @@ def test_validation_every_n_epochs_and_after_the_last_resumes_the_same(few, tmp_
     straight, r1 = _fit_small(few, tmp_path / "a", cfg, on_epoch_end=lambda e, row: seen.append(e))
     assert seen == [2, 4, 5] and [r["epoch"] for r in r1.history] == [2, 4, 5]
     assert r1.selected_epoch in (2, 4, 5)
-
-    def stop(epoch, row):
-        if epoch == 4:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        _fit_small(few, tmp_path / "b", cfg, on_epoch_end=stop)
-    resumed, r2 = _fit_small(few, tmp_path / "b", cfg)
+    r2 = _killed_after_then_resumed_same(few, tmp_path / "b", cfg, 4, straight, r1)
     assert r2.resumed_from_epoch == 4 and [r["epoch"] for r in r2.history] == [2, 4, 5]
-    assert (r1.selected_epoch, r1.selected_val_acc) == (r2.selected_epoch, r2.selected_val_acc)
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
     # unset: every epoch on a short schedule; about MAX_VALIDATIONS times on a long one
     assert validation_interval(TrainConfig(epochs=MAX_VALIDATIONS)) == 1
     long, derived = resolve_schedule(TrainConfig(steps=2000, epochs=50), train_images=200, batch_size=64)
