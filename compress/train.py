@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
 #: validations (and checkpoints) a schedule of unset ``val_every`` makes at most, about
 MAX_VALIDATIONS = 60
+#: a schedule given in steps validates at most once every this many steps (``val_every`` unset)
+MIN_STEPS_BETWEEN_VALIDATIONS = 20
 
 
 class TrainConfig(BaseModel):
@@ -71,8 +73,8 @@ class TrainConfig(BaseModel):
     val_every: int | None = Field(None, ge=1, le=10_000, exclude_if=lambda v: v is None,
                                   description="validate, offer the weights for keeping and checkpoint every N epochs "
                                   "and after the last; unset: every epoch, and on a schedule of more than "
-                                  f"{MAX_VALIDATIONS} epochs (a small set on a schedule in steps) about "
-                                  f"{MAX_VALIDATIONS} times in all")
+                                  f"{MAX_VALIDATIONS} epochs about {MAX_VALIDATIONS} times in all; a schedule in "
+                                  f"`steps` also validates at most once every {MIN_STEPS_BETWEEN_VALIDATIONS} steps")
 
     #: settings counted in epochs, scaled with the derived epoch count when ``steps`` is set
     EPOCH_SETTINGS: ClassVar[tuple[str, ...]] = ("warmup_epochs",)
@@ -99,6 +101,9 @@ def resolve_schedule(cfg: TrainConfig, train_images: int, batch_size: int) -> tu
         update[name] = min(epochs, int(round(getattr(cfg, name) * factor)))
     record = {"steps": cfg.steps, "batches_per_epoch": per_epoch, "epochs": epochs,
               **{k: v for k, v in update.items() if k not in ("epochs", "steps")}}
+    if cfg.val_every is None:  # small sets: several epochs between validations
+        update["val_every"] = max(math.ceil(epochs / MAX_VALIDATIONS),
+                                  math.ceil(MIN_STEPS_BETWEEN_VALIDATIONS / per_epoch))
     resolved = cfg.model_copy(update=update)
     if validation_interval(resolved) > 1:
         record["validated every"] = f"{validation_interval(resolved)} epochs"

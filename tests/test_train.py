@@ -211,6 +211,14 @@ def test_validation_every_n_epochs_and_after_the_last_resumes_the_same(few, tmp_
     assert r2.resumed_from_epoch == 4 and [r["epoch"] for r in r2.history] == [2, 4, 5]
     # unset: every epoch on a short schedule; about MAX_VALIDATIONS times on a long one
     assert validation_interval(TrainConfig(epochs=MAX_VALIDATIONS)) == 1
+    assert validation_interval(TrainConfig(epochs=667)) == 12
     long, derived = resolve_schedule(TrainConfig(steps=2000, epochs=50), train_images=200, batch_size=64)
     assert long.epochs == 667 and validation_interval(long) == 12 and derived["validated every"] == "12 epochs"
+    # a schedule in steps: at most one validation every 20 steps (3 batches an epoch: every 7 epochs)
+    short, derived = resolve_schedule(TrainConfig(steps=150, epochs=4), train_images=200, batch_size=64)
+    assert short.epochs == 50 and validation_interval(short) == 7 and derived["validated every"] == "7 epochs"
+    big, derived = resolve_schedule(TrainConfig(steps=150, epochs=4), train_images=2400, batch_size=64)
+    assert validation_interval(big) == 1 and "validated every" not in derived
+    asked, _ = resolve_schedule(TrainConfig(steps=150, epochs=4, val_every=1), train_images=200, batch_size=64)
+    assert validation_interval(asked) == 1
     assert "val_every" not in TrainConfig().model_dump()  # unset leaves stored fingerprints as they were
