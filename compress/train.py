@@ -101,9 +101,11 @@ def resolve_schedule(cfg: TrainConfig, train_images: int, batch_size: int) -> tu
         update[name] = min(epochs, int(round(getattr(cfg, name) * factor)))
     record = {"steps": cfg.steps, "batches_per_epoch": per_epoch, "epochs": epochs,
               **{k: v for k, v in update.items() if k not in ("epochs", "steps")}}
-    if cfg.val_every is None:  # small sets: several epochs between validations
-        update["val_every"] = max(math.ceil(epochs / MAX_VALIDATIONS),
-                                  math.ceil(MIN_STEPS_BETWEEN_VALIDATIONS / per_epoch))
+    every = max(math.ceil(epochs / MAX_VALIDATIONS), math.ceil(MIN_STEPS_BETWEEN_VALIDATIONS / per_epoch))
+    # small sets: several epochs between validations; where that is 1, nothing changes and val_every
+    # stays unset, so the stage's fingerprint (which reads the resolved settings) is what it was
+    if cfg.val_every is None and every > 1:
+        update["val_every"] = every
     resolved = cfg.model_copy(update=update)
     if validation_interval(resolved) > 1:
         record["validated every"] = f"{validation_interval(resolved)} epochs"

@@ -219,6 +219,7 @@ def test_validation_every_n_epochs_and_after_the_last_resumes_the_same(few, tmp_
     assert short.epochs == 50 and validation_interval(short) == 7 and derived["validated every"] == "7 epochs"
     big, derived = resolve_schedule(TrainConfig(steps=150, epochs=4), train_images=2400, batch_size=64)
     assert validation_interval(big) == 1 and "validated every" not in derived
+    assert "val_every" not in big.model_dump()  # a derived interval of 1 leaves the fingerprint as it was
     asked, _ = resolve_schedule(TrainConfig(steps=150, epochs=4, val_every=1), train_images=200, batch_size=64)
     assert validation_interval(asked) == 1
     assert "val_every" not in TrainConfig().model_dump()  # unset leaves stored fingerprints as they were
