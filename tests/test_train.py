@@ -165,7 +165,7 @@ def test_steps_become_epochs_for_the_data():
     assert (resolved.epochs, resolved.steps) == (34, None)
     assert (resolved.warmup_epochs, resolved.freeze_observers_after, resolved.freeze_bn_after) == (8, 17, 26)
     assert record == {"steps": 100, "batches_per_epoch": 3, "epochs": 34, "warmup_epochs": 8,
-                      "freeze_observers_after": 17, "freeze_bn_after": 26}
+                      "freeze_observers_after": 17, "freeze_bn_after": 26, "validated every": "7 epochs"}
     # 1600 images: 25 steps an epoch -> 4 epochs, the recipe's own shape
     resolved, _ = resolve_schedule(cfg, 1600, 64)
     assert (resolved.epochs, resolved.freeze_observers_after) == (4, 2)
