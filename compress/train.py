@@ -107,8 +107,9 @@ def resolve_schedule(cfg: TrainConfig, train_images: int, batch_size: int) -> tu
     if cfg.val_every is None and every > 1:
         update["val_every"] = every
     resolved = cfg.model_copy(update=update)
-    if validation_interval(resolved) > 1:
-        record["validated every"] = f"{validation_interval(resolved)} epochs"
+    interval = validation_interval(resolved)
+    if interval > 1:
+        record["validated every"] = f"{interval} epochs"
     return resolved, record
 
 
