@@ -24,6 +24,7 @@ venv: $(STAMP)
 pipeline: $(STAMP)
 	@test -f pipelines/$(MODEL).yaml || { echo "no recipe pipelines/$(MODEL).yaml; recipes: $$(ls pipelines | sed 's/\.yaml//' | tr '\n' ' ')" >&2; exit 2; }
 	@case "$(NPROC)" in ''|*[!0-9]*|0) echo "NPROC must be a whole number of processes, 1 or more (got '$(NPROC)')" >&2; exit 2;; esac
+	$(if $(filter-out 1,$(NPROC)),@$(VENV)/bin/compress -q pipeline pipelines/$(MODEL).yaml $(ARGS) --check --processes $(NPROC) >/dev/null)
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m compress,$(VENV)/bin/compress) pipeline pipelines/$(MODEL).yaml $(ARGS)
 
 compare: $(STAMP)

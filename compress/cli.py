@@ -44,6 +44,11 @@ def pipeline(
                                                       "most this long (0: refuse at once); default: wait"),
     tune: bool = typer.Option(False, "--tune", help="search the recipe's tune.space on the validation split first "
                                                     "and run with the best settings (same as tune.enabled=true)"),
+    check: bool = typer.Option(False, "--check", help="validate the recipe and its overrides for --processes "
+                                                      "processes and exit; runs nothing"),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, max=4096,
+                                            help="with --check: the number of processes torchrun will start "
+                                                 "(default: torchrun's, or 1)"),
 ) -> None:
     """Run a recipe's stages; unchanged stages are skipped."""
     from compress.config import load_recipe
@@ -62,6 +67,17 @@ def pipeline(
     cfg = load_recipe(recipe, overrides)
     output_folder(artifacts / cfg.name, "--artifacts")
     from compress import dist
+
+    if processes is not None and not check:
+        raise CompressError("--processes goes with --check; torchrun --nproc_per_node sets how many processes run")
+    if check:
+        from compress.pipeline import check_processes
+
+        n = processes or dist.launch_world()
+        check_processes(cfg, n)
+        if dist.launch_rank() == 0:
+            typer.echo(f"{recipe}: valid, stages {' -> '.join(cfg.stages)}, {n} process{'es' if n > 1 else ''}")
+        return
 
     tuning = None
     if cfg.tune.enabled:
@@ -186,6 +202,9 @@ def bench(
             raise CompressError(f"ONNX file {m} is a folder" if m.is_dir() else f"ONNX file not found: {m}")
     output_folder(out, "--out")
     result = bench_files(models, list(dict.fromkeys(runtime)), threads, batch, size or None, core_list, warmup, runs)
+    if all("error" in c for c in result["cells"]):  # a report with no measurement in it is not written
+        why = "; ".join(dict.fromkeys(f"{c['label']} ({c['runtime']}): {c['error']}" for c in result["cells"]))
+        raise CompressError(f"nothing could be measured: {why}")
     if dataset:
         from pydantic import ValidationError
 

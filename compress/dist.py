@@ -28,6 +28,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launch_world() -> int:
+    """How many processes torchrun started (1 for a single process), before or after :func:`init`."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def launch_rank() -> int:
     """This process's rank as torchrun set it (0 for a single process), before or after :func:`init`."""
     return int(os.environ.get("RANK", "0"))

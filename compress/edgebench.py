@@ -71,6 +71,8 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
         except Exception as e:  # noqa: BLE001
             why = "its bytes are not an ONNX model" if type(e).__name__ == "DecodeError" else type(e).__name__
             raise CompressError(f"{f} is not a readable ONNX file ({why})") from None
+        if len(dims) != 4:
+            raise CompressError(f"{f} takes a {len(dims)}-D input; latency is measured on N×C×H×W images")
         label = labels[i] if labels else f.stem
         result["files"].append({"file": str(f), "label": label, "size_bytes": f.stat().st_size, "input": dims})
         file_sizes = sizes or [dims[-1] or 224]
@@ -92,10 +94,13 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
                                                           warmup=warmup, runs=runs, timeout=CELL_TIMEOUT_S))
                             except CompressError as e:
                                 cell["error"] = str(e)
-                        log.info(f"[bench] {label} {runtime} {t} thread(s) batch {b} {s}×{s}: " + (
-                            cell["error"] if "error" in cell else
-                            f"p50 {cell['p50_ms']:.3f} ms, {cell['throughput_ips']:.0f} img/s, load {cell['load_ms']:.0f} ms, "
-                            f"peak {cell['peak_rss_mb']:.0f} MB"))
+                        # a cell that cannot be measured is in the report's note column (and in the one
+                        # error line when no cell could be measured)
+                        log.log(logging.DEBUG if "error" in cell else logging.INFO,
+                                f"[bench] {label} {runtime} {t} thread(s) batch {b} {s}×{s}: " + (
+                                    cell["error"] if "error" in cell else
+                                    f"p50 {cell['p50_ms']:.3f} ms, {cell['throughput_ips']:.0f} img/s, "
+                                    f"load {cell['load_ms']:.0f} ms, peak {cell['peak_rss_mb']:.0f} MB"))
                         result["cells"].append(cell)
     return result
 

@@ -37,7 +37,10 @@ DEFAULT_STAGES: tuple[str, ...] = tuple(n.name for n in GRAPH if n.default)
 
 
 def check_stages(stages: list[str]) -> None:
-    """Raise ValueError unless ``stages`` are known, in graph order, each with what it needs."""
+    """Raise ValueError unless ``stages`` are known, in graph order, each with what it needs, and at
+    least one (a run of no stage would do nothing)."""
+    if not stages:
+        raise ValueError(f"no stage to run; name at least one of {', '.join(ORDER)}")
     unknown = [s for s in stages if s not in NODES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r}; stages are {', '.join(ORDER)}")

@@ -33,7 +33,7 @@ from compress import __version__, dist, stages
 from compress.config import PipelineConfig
 from compress.context import RunContext, StageResult, derive_settings, describe_derived
 from compress.fsio import damage, locked, manifest, read_json, replace_dir, sha256_json, write_json
-from compress.graph import FORMAT_VERSION
+from compress.graph import FORMAT_VERSION, NODES
 from compress.errors import CompressError, short
 from compress.logs import FILE_ONLY, run_log
 from compress.models import create_model, load_state_dict_file
@@ -157,6 +157,17 @@ def _run_stage_beside(ctx: RunContext, stage: stages.Stage, fp: str, out: Path, 
     return StageResult(stage.name, out, fp, read_json(out / "metrics.json"), skipped=True)
 
 
+def check_processes(cfg: PipelineConfig, processes: int) -> None:
+    """Refuse a recipe that cannot run under ``processes`` torchrun processes, before any of them
+    starts a stage: every training stage splits ``data.batch_size`` evenly over the processes."""
+    trains = [s for s in cfg.stages if NODES[s].trains]
+    if processes > 1 and trains and cfg.data.batch_size % processes:
+        raise CompressError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {processes} "
+                            f"processes (stages {', '.join(trains)} train on it); use a multiple of {processes} "
+                            f"(--set data.batch_size={cfg.data.batch_size // processes * processes or processes}) "
+                            "or another number of processes")
+
+
 def preflight(ctx: RunContext) -> None:
     """Check what the user handed in before any stage starts: the data loads, a teacher checkpoint
     exists and holds tensors, pretrained weights are there and fit their model, and each model runs
@@ -238,6 +249,7 @@ def run_pipeline(cfg: PipelineConfig, artifacts: Path = Path("artifacts"), force
     run_dir = artifacts / cfg.name
     ctx = RunContext(cfg=cfg, run_dir=run_dir, cache_dir=cache_dir or artifacts / ".cache", force=force,
                      withhold_test=withhold_test, epoch_hooks=epoch_hooks or {})
+    check_processes(cfg, dist.world())
     dist.configure(**cfg.compute.model_dump())
     preflight(ctx)
     derived = derive_settings(ctx)

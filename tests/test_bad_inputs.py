@@ -126,6 +126,20 @@ def inputs(tmp_path_factory):
     ns.onnx_empty.write_bytes(b"")
     ns.onnx_png = d / "picture.onnx"
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(ns.onnx_png, format="PNG")
+    ns.onnx_tokens = d / "tokens.onnx"  # a valid model whose input is 2-D int64, not images
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["ids"], ["out"], to=TensorProto.FLOAT)], "tokens",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ns.onnx_tokens)
+    ns.onnx_image = d / "image.onnx"  # images of a fixed 16×16 only
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+                               helper.make_node("Flatten", ["pooled"], ["logits"])], "image",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ns.onnx_image)
     ns.a_file = d / "a-file"
     ns.a_file.write_text("not a folder\n")
 
@@ -187,6 +201,7 @@ def run_main(args, capfd) -> SimpleNamespace:
 def one_line(r, needle: str) -> str:
     assert "Traceback" not in r.err, r.err
     assert r.code == 2, (r.code, r.err)
+    assert r.err.endswith("\n"), f"the error line does not end the line: {r.err[-80:]!r}"
     lines = r.err.strip().splitlines()
     assert len(lines) == 1, r.err
     assert lines[0].startswith("compress: error: "), lines[0]
@@ -248,6 +263,9 @@ CASES = [
     ("set-wrong-type", _pipe("--set", "distill.epochs=many"), "distill.epochs: Input should be a valid integer"),
     ("set-out-of-range", _pipe("--set", "distill.alpha=3"), "distill.alpha: Input should be less than or equal"),
     ("set-unknown-stage", _pipe("--set", "stages=[teacher,polish]"), "unknown stage 'polish'"),
+    ("set-no-stage", _pipe("--set", "stages=[]"), "stages: no stage to run; name at least one of teacher"),
+    ("processes-batch-does-not-split", _pipe("--check", "--processes", "3"),
+     "data.batch_size 64 does not split evenly over 3 processes"),
     ("set-no-equals", _pipe("--set", "distill.alpha"), "must look like section.key=value"),
     ("set-empty-key", _pipe("--set", "=3"), "has an empty key"),
     ("set-through-a-value", _pipe("--set", "seed.x=1"), "seed is not a section"),
@@ -307,6 +325,10 @@ CASES = [
     ("bench-not-a-model", lambda i, art: ["bench", i.onnx_png, "--out", art / "b"], "not a readable ONNX file"),
     ("bench-a-folder", lambda i, art: ["bench", i.dir, "--out", art / "b"], "is a folder"),
     ("bench-out-is-a-file", lambda i, art: ["bench", i.onnx_random, "--out", i.a_file], "is a file, not a folder"),
+    ("bench-nothing-measurable", lambda i, art: ["bench", i.onnx_tokens, "--out", art / "b"],
+     "tokens.onnx takes a 2-D input; latency is measured on N×C×H×W images"),
+    ("bench-no-cell-measurable", lambda i, art: ["bench", i.onnx_image, "--size", "32", "--out", art / "b"],
+     "nothing could be measured: image (onnxruntime): fixed input 16×16"),
 ]
 
 

@@ -117,3 +117,40 @@ def test_only_the_pipeline_runs_under_torchrun(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == ("compress: error: only 'compress pipeline' runs under torchrun; "
                                 "run 'compress compare' as one process")
+
+
+def test_make_checks_the_recipe_for_its_processes_before_torchrun(tmp_path):
+    """``make pipeline NPROC=3`` with a batch of 64: the CLI's one line and make's own, no worker
+    started (torchrun's elastic agent would print its tracebacks), nothing written."""
+    venv = Path(sys.executable).parent.parent
+    art = tmp_path / "art"
+    r = subprocess.run(["make", "-s", "-o", f"{venv}/.installed", "pipeline", "MODEL=smoke", "NPROC=3", f"VENV={venv}",
+                        f"ARGS=--artifacts {art}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == ("compress: error: data.batch_size 64 does not split evenly over 3 processes (stages teacher, "
+                        "distill, prune, quantize train on it); use a multiple of 3 (--set data.batch_size=63) or "
+                        "another number of processes"), r.stderr
+    assert len(lines) == 2 and lines[1].startswith("make: ***"), r.stderr
+    assert not art.exists()
+
+
+def test_a_recipe_checked_for_its_processes(tmp_path, monkeypatch, capsys):
+    """``--check`` validates for --processes N, or for torchrun's count, and writes nothing."""
+    from compress import cli
+
+    def check(*extra):
+        monkeypatch.setattr(sys, "argv", ["compress", "pipeline", "pipelines/smoke.yaml", "--check",
+                                          "--artifacts", str(tmp_path / "art"), *extra])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+            raise SystemExit(0)
+        return e.value.code, capsys.readouterr()
+
+    monkeypatch.chdir(ROOT)
+    code, out = check("--processes", "4")
+    assert code == 0 and "valid" in out.out and "4 processes" in out.out, out
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, out = check()
+    assert code == 2 and "does not split evenly over 3 processes" in out.err, out
+    assert not (tmp_path / "art").exists()
