@@ -87,7 +87,9 @@ def pipeline(
             raise CompressError("tuning runs as one process; run compress tune first, then the pipeline under torchrun")
         tuning = run_tune(cfg, artifacts=artifacts)
         cfg = with_settings(cfg, tuning["settings"])
-    dist.init(cfg.distill.device)
+    from compress.graph import NODES
+
+    dist.init([cfg.training_section(s).device for s in cfg.stages if NODES[s].trains])
     try:
         ctx = run_pipeline(cfg, artifacts=artifacts, force=force, lock_timeout=lock_timeout,
                            finish=lambda c: write_reports(c, tuning=tuning))

@@ -149,10 +149,16 @@ class QuantizeConfig(TrainConfig):
     distill: bool = Field(True, description="keep the distillation loss against the FP32 teacher")
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     temperature: float = Field(4.0, gt=0.0, le=100.0)
-    ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX with onnxruntime's quantize_static")
     weight_bits: Literal["auto", 7, 8] = Field(
         "auto", description="weights in ±127 (8) or ±63 (7); auto: 8 where onnxruntime computes int8 convolutions "
         "exactly on this machine, 7 on an x86 CPU without VNNI (its AVX2 kernels saturate 8-bit products)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "ptq_baseline" in raw:  # read by export and bench, not by QAT
+            raise ValueError("ptq_baseline is set in the export section now (export.ptq_baseline); move it there")
+        return raw
 
     def resolved_weight_bits(self) -> int:
         from compress.qat import host_weight_bits
@@ -173,6 +179,10 @@ class ExportConfig(_Strict):
     ``openvino_int8_min_argmax_agreement`` asks and as accurate within chance)."""
 
     opset: int = Field(18, ge=17, le=23)
+    ptq_baseline: bool = Field(True, description="also quantize the FP32 ONNX file with onnxruntime's "
+                               "quantize_static and ship it beside the QAT file (with the quantize stage)")
+    ptq_calibration_images: int = Field(1024, ge=1, description="training images that set the PTQ file's "
+                                        "activation ranges")
     max_abs_logit_diff: float = Field(1e-4, gt=0.0, le=1.0, description="FP32 parity: absolute part of the tolerance")
     logit_rtol: float = Field(1e-5, ge=0.0, le=0.1, description="FP32 parity: relative part, times each image's "
                               "largest |logit| (float32 error grows with the logits)")
@@ -420,6 +430,10 @@ class PipelineConfig(_Strict):
             raise ValueError(f"stage 'assistant' runs only for a method with an assistant (ta), "
                              f"not {self.distill.method!r}")
         return self
+
+    def training_section(self, stage: str) -> TrainConfig:
+        """The section whose training settings ``stage`` trains with (the assistant: distill's)."""
+        return self.distill if stage == "assistant" else getattr(self, stage)
 
     @field_validator("stages")
     @classmethod

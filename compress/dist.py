@@ -58,15 +58,27 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
 
 
-def init(device: str = "auto") -> None:
-    """Join the process group torchrun set up (no-op for a single process or when already joined):
-    nccl when CUDA is there and wanted, gloo otherwise; each process takes its local GPU."""
+def backend(devices: list[str]) -> str:
+    """The process-group backend for trainings on ``devices`` (each stage's ``device`` setting): nccl
+    when every one runs on CUDA, gloo when none does, and both (gloo for CPU tensors, nccl for CUDA
+    tensors) when the stages differ."""
+    cuda = torch.cuda.is_available()
+    on_cuda = {d in ("auto", "cuda") and cuda for d in devices or ["auto"]}
+    if on_cuda == {True}:
+        return "nccl"
+    return "gloo" if on_cuda == {False} else "cpu:gloo,cuda:nccl"
+
+
+def init(devices: list[str] | None = None) -> None:
+    """Join the process group torchrun set up (no-op for a single process or when already joined),
+    with the :func:`backend` of the training stages' ``devices``; a process that trains on CUDA
+    takes its local GPU."""
     if not launched() or active():
         return
-    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
+    chosen = backend(devices or ["auto"])
+    if "nccl" in chosen:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=TIMEOUT)
+    tdist.init_process_group(chosen, timeout=TIMEOUT)
 
 
 def shutdown() -> None:

@@ -58,7 +58,7 @@ def fingerprint(ctx: RunContext, stage: stages.Stage) -> str:
     if node.trains:  # several processes, or a GPU's autocast, compute something else than one CPU process
         from compress.train import pick_device
 
-        device = pick_device(getattr(getattr(ctx.cfg, stage.name, None), "device", "auto"))
+        device = pick_device(ctx.cfg.training_section(stage.name).device)
         compute = dist.effective(device.type, ctx.cfg.data.batch_size // dist.world())
         if compute:
             ident["compute"] = compute

@@ -48,7 +48,7 @@ def tiny_net(seed: int) -> nn.Module:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init("cpu")
+    dist.init(["cpu"])
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 4, (96,), generator=g)
     for kind, make in (("memory", ImageDataset), ("keyed", Keyed)):

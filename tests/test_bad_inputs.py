@@ -264,6 +264,8 @@ CASES = [
     ("set-out-of-range", _pipe("--set", "distill.alpha=3"), "distill.alpha: Input should be less than or equal"),
     ("set-unknown-stage", _pipe("--set", "stages=[teacher,polish]"), "unknown stage 'polish'"),
     ("set-no-stage", _pipe("--set", "stages=[]"), "stages: no stage to run; name at least one of teacher"),
+    ("set-moved-key", _pipe("--set", "quantize.ptq_baseline=false"),
+     "quantize: ptq_baseline is set in the export section now (export.ptq_baseline)"),
     ("processes-batch-does-not-split", _pipe("--check", "--processes", "3"),
      "data.batch_size 64 does not split evenly over 3 processes"),
     ("set-no-equals", _pipe("--set", "distill.alpha"), "must look like section.key=value"),

@@ -150,3 +150,20 @@ def test_preflight_refuses_weights_that_do_not_fit_before_anything_is_written(tm
     with pytest.raises(CompressError, match="do not fit mobilenetv2_035"):
         run_pipeline(cfg, artifacts=tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_the_ptq_baseline_is_exports_setting(full_run, tmp_path):
+    """Turning the PTQ baseline off re-runs export and bench (which read it) and no stage that trains."""
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(full_run["run"].parent, art, symlinks=True)
+    r = run_cli("pipeline", full_run["tmp"] / "full.yaml", "--artifacts", art, "--set", "export.ptq_baseline=false")
+    assert r.returncode == 0, r.stderr
+    for name in ("teacher", "assistant", "distill", "prune", "quantize"):
+        assert f"[{name}] unchanged, skipped" in r.stderr, name
+    for name in ("export", "bench"):
+        assert f"[{name}] running" in r.stderr, name
+    assert (full_run["run"] / "export" / "model_int8_ptq.onnx").is_file()
+    assert not (art / "full" / "export" / "model_int8_ptq.onnx").exists()
+    assert (art / "full" / "export" / "model_int8.onnx").is_file()

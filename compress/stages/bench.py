@@ -36,7 +36,7 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"models": {}}
     teacher: dict = {}
-    for artifact in A.for_run(ctx.cfg.stages, ctx.cfg.quantize.ptq_baseline):
+    for artifact in A.for_run(ctx.cfg.stages, ctx.cfg.export.ptq_baseline):
         stage = A.architecture_stage(artifact, ctx.cfg.stages)
         model = load_stage_model(ctx, stage)
         path = ctx.stage_dir("export") / artifact.file

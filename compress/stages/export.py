@@ -53,7 +53,7 @@ def build_onnx(ctx: RunContext, artifact: A.Artifact, size: int, path: Path,
         return model
     if fp32_path is None:
         raise CompressError("PTQ needs the FP32 ONNX file")
-    limit = ctx.cfg.quantize.calibration_images if size == ctx.data.image_size else 64
+    limit = ctx.cfg.export.ptq_calibration_images if size == ctx.data.image_size else 64
     qat.ptq_static(fp32_path, path, calibration_array(ctx.data.train, size, limit),
                    reduce_range=ctx.cfg.quantize.resolved_weight_bits() == 7)
     return None
@@ -73,7 +73,7 @@ def _export(ctx: RunContext, out: Path, work: Path) -> dict:
     data = ctx.data
     result: dict = {}
     fp32_file = A.fp32_student(ctx.cfg.stages).file
-    shipped = A.for_run(ctx.cfg.stages, ctx.cfg.quantize.ptq_baseline)
+    shipped = A.for_run(ctx.cfg.stages, ctx.cfg.export.ptq_baseline)
     for artifact in shipped:
         path = out / artifact.file
         model = build_onnx(ctx, artifact, data.image_size, path, fp32_path=out / fp32_file)
