@@ -3,6 +3,7 @@ with a message that names the field."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -501,7 +502,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(f"recipe {path} must be a mapping of sections")
     raw.setdefault("name", path.stem)
     raw = apply_overrides(raw, overrides or [])
-    return validate_recipe(raw, str(path))
+    cfg = validate_recipe(raw, str(path))
+    for line in unused_settings(cfg):
+        logging.getLogger(__name__).warning(line)
+    return cfg
+
+
+def unused_settings(cfg: PipelineConfig) -> list[str]:
+    """What the recipe sets that the run does not use: eq. (1)'s ``distill.alpha`` / ``temperature``
+    under a method that does not compute with them (its own, if it has them, are in ``params``)."""
+    if "distill" not in cfg.stages:
+        return []
+    kind = METHODS[cfg.distill.method]
+    ignored = [k for k in ("alpha", "temperature") if k in cfg.distill.model_fields_set and k not in kind.reads]
+    if not ignored:
+        return []
+    own = [f"distill.params.{k}" for k in ignored if k in kind.Params.model_fields]
+    return [f"{' and '.join('distill.' + k for k in ignored)} not used: method {kind.name} does not compute with "
+            f"{'it' if len(ignored) == 1 else 'them'}" + (f" (it reads {' and '.join(own)})" if own else "")]
 
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> PipelineConfig:

@@ -71,6 +71,17 @@ def summary(ctx: RunContext) -> dict:
     }
 
 
+def in_effect(used: dict[str, float]) -> str:
+    """"α = 0.9, T = 4.0": the α and temperature a method computed with, each from the recipe key
+    named in brackets when it is the method's own (``params``)."""
+    signs = {"alpha": "α", "temperature": "T"}
+    parts = []
+    for key, value in used.items():
+        short = key.rsplit(".", 1)[1]
+        parts.append(f"{signs[short]} = {value:g}" + (f" (params.{short})" if ".params." in key else ""))
+    return ", ".join(parts)
+
+
 def main_table(ctx: RunContext, rows: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The teacher-vs-student table: (header, [(row label, one cell per model)])."""
     d = ctx.data.describe()
@@ -139,7 +150,13 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
     if "distill" in ctx.results:
         m = ctx.results["distill"].metrics
         params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
-        lines.append(f"Distillation: method `{m['method']}`, α = {m['alpha']}, T = {m['temperature']}"
+        used = m.get("in_effect")
+        if used is None:  # a stage folder whose metrics predate the record: eq. (1)'s values, where read
+            from compress.distill import METHODS
+
+            reads = METHODS[m["method"]].reads if m["method"] in METHODS else ()
+            used = {f"distill.{k}": m[k] for k in reads if k in m}
+        lines.append(f"Distillation: method `{m['method']}`" + (f", {in_effect(used)}" if used else "")
                      + (f"; {params}" if params else "") + (f"; assistant `{m['assistant']}`" if m.get("assistant") else "")
                      + ".")
     lines += ["", "## Teacher vs student", ""]

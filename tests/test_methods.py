@@ -193,3 +193,26 @@ def test_compare_writes_one_table_and_skips_on_rerun(cli, tiny_recipe, tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "compare.methods: unknown distillation method 'nope'" in r.stderr
     r = cli("compare", tiny_recipe("none"), "--artifacts", art)
     assert r.returncode == 2 and "has no compare section" in r.stderr
+
+
+def test_a_run_reports_the_temperature_its_method_used(tiny_recipe, tmp_path):
+    """dkd computes with its own params.temperature: metrics, model.json and report.md say so, the
+    eq. (1) value it ignores is named in a warning and stays out of the stage's fingerprint."""
+    from conftest import run_cli
+
+    recipe = tiny_recipe(stages=["teacher", "distill"], distill={"method": "dkd", "temperature": 7.0,
+                                                                  "params": {"temperature": 2.0}})
+    art = tmp_path / "art"
+    r = run_cli("pipeline", recipe, "--artifacts", art)
+    assert r.returncode == 0, r.stderr
+    assert ("distill.temperature not used: method dkd does not compute with it "
+            "(it reads distill.params.temperature)") in r.stderr
+    metrics = json.loads((art / "tiny" / "distill" / "metrics.json").read_text())
+    assert metrics["temperature"] == 2.0 and metrics["alpha"] == 1.0  # dkd's TCKD weight, params.alpha
+    assert metrics["in_effect"] == {"distill.params.alpha": 1.0, "distill.params.temperature": 2.0}
+    assert json.loads((art / "tiny" / "distill" / "model.json").read_text())["temperature"] == 2.0
+    report = (art / "tiny" / "report.md").read_text()
+    assert "method `dkd`, α = 1 (params.alpha), T = 2 (params.temperature)" in report
+    assert "T = 7" not in report
+    again = run_cli("pipeline", recipe, "--artifacts", art, "--set", "distill.temperature=5")
+    assert again.returncode == 0 and "[distill] unchanged, skipped" in again.stderr, again.stderr

@@ -47,6 +47,9 @@ class Objective(TrainingObjective):
     #: whether the teachers' logits are all the method needs of them (no feature taps, teachers frozen):
     #: only such methods may read the teachers' outputs from a :class:`TeacherLogitCache`
     logit_only: ClassVar[bool] = False
+    #: which of the distill section's ``alpha`` and ``temperature`` (eq. 1) the method computes with;
+    #: the others are not used by it (a method may have its own in ``params``)
+    reads: ClassVar[tuple[str, ...]] = ()
     Params: ClassVar[type[Params]] = Params
 
     def __init__(self, params: Params | None = None, alpha: float = 0.9, temperature: float = 4.0,
@@ -58,6 +61,15 @@ class Objective(TrainingObjective):
         self._taps: list[Taps] = []
         self._caches: list[TeacherLogitCache] = []
         self.ramp = 1.0  # weight of the knowledge term, ramped up over params.warmup_epochs when a method has it
+
+    def in_effect(self) -> dict[str, float]:
+        """The α and temperature this method computes with, by the recipe key each comes from:
+        ``distill.alpha`` / ``distill.temperature`` where it reads them, its own ``params`` otherwise."""
+        out = {f"distill.{k}": float(getattr(self, k)) for k in type(self).reads}
+        for k in ("alpha", "temperature"):
+            if k not in type(self).reads and k in type(self.p).model_fields:
+                out[f"distill.params.{k}"] = float(getattr(self.p, k))
+        return out
 
     @property
     def needs_teacher(self) -> bool:
@@ -185,6 +197,7 @@ class KD(Objective):
     Knowledge in a Neural Network", 2015. α and T are ``distill.alpha`` and ``distill.temperature``."""
 
     name = "kd"
+    reads = ("alpha", "temperature")
     logit_only = True
     Params = LogitParams
 
@@ -204,6 +217,7 @@ class Consistent(Objective):
     ("A good teacher is patient and consistent"). ``distill.alpha`` is not used."""
 
     name = "consistent"
+    reads = ("temperature",)
     logit_only = True
     Params = LogitParams
 
@@ -269,6 +283,7 @@ class MultiTeacher(Objective):
     ``params.weights`` says otherwise); the teachers are the pipeline's plus ``params.teachers``."""
 
     name = "multi_teacher"
+    reads = ("alpha", "temperature")
     logit_only = True
     teachers = "many"
     Params = MultiTeacherParams
@@ -300,6 +315,7 @@ class TeacherAssistant(Objective):
     student from the assistant: L = (1 − α)·CE(y, s) + α·T²·KL(σ(a/T) ‖ σ(s/T)), a the assistant's logits."""
 
     name = "ta"
+    reads = ("alpha", "temperature")
     logit_only = True
     uses_assistant = True
     Params = TAParams

@@ -69,11 +69,25 @@ def identity(ctx: RunContext) -> dict:
     return pretrained_identity(ctx.cfg.distill.pretrained, "distill.pretrained")
 
 
+def config(ctx: RunContext) -> dict:
+    """The distill section as the stage's fingerprint reads it: without the eq. (1) ``alpha`` and
+    ``temperature`` the method does not compute with."""
+    cfg = ctx.cfg.distill
+    return {k: v for k, v in cfg.model_dump(mode="json").items()
+            if k not in ("alpha", "temperature") or k in METHODS[cfg.method].reads}
+
+
+def in_effect_values(used: dict[str, float]) -> dict[str, float | None]:
+    """``alpha`` and ``temperature`` as the method computed with them (None where it has none)."""
+    return {k: next((v for key, v in used.items() if key.rsplit(".", 1)[1] == k), None)
+            for k in ("alpha", "temperature")}
+
+
 def models(ctx: RunContext) -> list[tuple[str, str, bool | str]]:
     return [("student", resolve_name(ctx.cfg.distill.student), ctx.cfg.distill.pretrained)]
 
 
-@register("distill", identity=identity, models=models)
+@register("distill", config=config, identity=identity, models=models)
 def run(ctx: RunContext, out: Path, work: Path) -> dict:
     cfg, data = ctx.cfg.distill, ctx.data
     name = resolve_name(cfg.student)
@@ -99,8 +113,9 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
     if objective.candidates():  # mutual learning: continue with the chosen peer
         student, name, info = _choose_peer(ctx, objective, student, name)
     teacher_name = ctx.metrics("teacher")["model"]
-    meta = {**model_meta(ctx, name, "student"), "teacher": teacher_name,
-            "method": cfg.method, "alpha": cfg.alpha, "temperature": cfg.temperature}
+    used = objective.in_effect()
+    meta = {**model_meta(ctx, name, "student"), "teacher": teacher_name, "method": cfg.method,
+            **in_effect_values(used), "in_effect": used}
     save_checkpoint(student, out / MODEL_FILE, meta)
     if "assistant" in ctx.results:
         info["assistant"] = ctx.metrics("assistant")["model"]
@@ -110,8 +125,8 @@ def run(ctx: RunContext, out: Path, work: Path) -> dict:
         "method": cfg.method,
         "start": pretrained_source(cfg.pretrained),
         "method_params": objective.p.model_dump(mode="json"),
-        "alpha": cfg.alpha,
-        "temperature": cfg.temperature,
+        **in_effect_values(used),
+        "in_effect": used,
         **info,
         **review(ctx, teacher, student),
         "history": result.history,
