@@ -4,6 +4,7 @@ imagefolder:PATH; seeded stratified splits; upscaling to the training size; norm
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from torch.utils.data import Dataset, Subset
 
 from compress.errors import CompressError
 from compress.evaluate import loader
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -251,6 +254,9 @@ class DataBundle:
     interpolation: str = "bilinear"
     crop_pct: float = 1.0
     skipped_images: list[str] = field(default_factory=list)
+    symlink_loops: list[tuple[str, str]] = field(default_factory=list)  # (folder, its real path): not followed
+    repeated_files: list[tuple[str, str]] = field(default_factory=list)  # (path left out, the path kept)
+    identical_across_splits: list[tuple[str, str]] = field(default_factory=list)  # (file, earlier same bytes)
     extra: dict = field(default_factory=dict)
     augmentation: dict | None = None  # photographs: the training transform's crop range and jitter
 
@@ -270,6 +276,11 @@ class DataBundle:
             "crop_pct": self.crop_pct,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             "skipped_images": len(self.skipped_images),
+            "symlink_loops": len(self.symlink_loops),
+            "repeated_files": len(self.repeated_files),
+            "identical_across_splits": len(self.identical_across_splits),
+            "identical_examples": [[shown(f, os.path.expanduser(self.name.split(":", 1)[-1])) for f in pair]
+                                   for pair in self.identical_across_splits[:10]],
             "augmentation": self.augmentation,
         }
 
@@ -422,15 +433,109 @@ def _download_cifar(name: str, root: Path) -> None:
         raise CompressError(f"could not download {name} to {root} ({type(e).__name__}); check the network") from None
 
 
-def _scan(path: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(file, class index) for every image under ``path/<class>/``, through torchvision's folder utilities."""
-    from torchvision.datasets.folder import make_dataset
+def _contains(outer: str, inner: str) -> bool:
+    """Whether the real path ``inner`` is ``outer`` or lies inside it."""
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _scan(path: Path, classes: list[str], top: Path | None = None) -> tuple[list[tuple[str, int, int]],
+                                                                          list[tuple[str, str]]]:
+    """(file, class index, symlinked folders passed on the way) for every image under ``path/<class>/``,
+    in the order of torchvision's ``make_dataset`` (sorted paths), and the folders not entered.
+
+    Symlinked folders are followed, except one whose real path holds a folder the walk is inside
+    (``path``, ``top`` or one on the way from the class folder): entering it would go round a loop.
+    Such folders come back as (path, real path)."""
+    from torchvision.datasets.folder import has_file_allowed_extension
 
     exts = tuple(IMAGE_SUFFIXES | {e.upper() for e in IMAGE_SUFFIXES})
-    present = {c: i for i, c in enumerate(classes) if (path / c).is_dir()}
-    if not present:
-        return []
-    return sorted(make_dataset(str(path), present, extensions=exts, allow_empty=True))
+    outer = tuple(dict.fromkeys(os.path.realpath(p) for p in (top or path, path)))
+    found: list[tuple[str, int, int]] = []
+    loops: list[tuple[str, str]] = []
+
+    def enter(folder: str, above: tuple[str, ...]) -> tuple[str, ...] | None:
+        real = os.path.realpath(folder)
+        if any(_contains(real, a) for a in above):
+            loops.append((folder, real))
+            return None
+        return above + (real,)
+
+    for index, name in enumerate(classes):
+        target = os.path.join(os.path.expanduser(str(path)), name)
+        if not os.path.isdir(target):
+            continue
+        chain = enter(target, outer)
+        if chain is None:
+            continue
+        state = {target: (chain, int(os.path.islink(target)))}
+        for folder, subfolders, files in os.walk(target, followlinks=True):
+            above, links = state.pop(folder)
+            kept = []
+            for sub in subfolders:
+                full = os.path.join(folder, sub)
+                inside = enter(full, above)
+                if inside is not None:
+                    kept.append(sub)
+                    state[full] = (inside, links + int(os.path.islink(full)))
+            subfolders[:] = kept
+            found += [(os.path.join(folder, f), index, links) for f in files if has_file_allowed_extension(f, exts)]
+    return sorted(found), sorted(loops)
+
+
+def _file_key(path: str) -> tuple:
+    """What makes two paths one file: device and inode (symlinks followed, hard links alike), else the
+    real path for a file that cannot be read."""
+    try:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
+def _count_once(parts: dict[str, list[tuple[str, int, int]]]) -> tuple[dict[str, list[tuple[str, int]]],
+                                                                       list[tuple[str, str]]]:
+    """Each file once: of the paths that reach one file, the one kept is in the test split before
+    val before train (an image reached from two splits is held out, not trained on), then the one
+    through the fewest symlinked folders, then the first in order. Returns the parts as
+    (file, class index) lists in their order, and the paths left out as (path, the path kept)."""
+    rank = {"test": 0, "val": 1, "train": 2}
+    keys = {part: [_file_key(f) for f, _, _ in entries] for part, entries in parts.items()}
+    best: dict[tuple, tuple] = {}
+    for part, entries in parts.items():
+        for key, (f, _, links) in zip(keys[part], entries):
+            order = (rank[part], links, f)
+            if key not in best or order < best[key]:
+                best[key] = order
+    kept: dict[str, list[tuple[str, int]]] = {part: [] for part in parts}
+    repeats = []
+    for part, entries in parts.items():
+        for key, (f, c, links) in zip(keys[part], entries):
+            first = best[key]
+            if first == (rank[part], links, f):
+                kept[part].append((f, c))
+            else:
+                repeats.append((f, first[2]))
+    return kept, sorted(repeats)
+
+
+def _identical_across_splits(split: dict[str, list[tuple[str, int]]], digests: dict[str, str]) -> list[tuple[str, str]]:
+    """(file, earlier file) for every file of val or test whose bytes are those of a file in an
+    earlier split (train, then val)."""
+    first: dict[str, str] = {}
+    pairs = []
+    for part in ("train", "val", "test"):
+        seen_here = {}
+        for f, _ in split[part]:
+            d = digests.get(f)
+            if d is None:
+                continue
+            if d in first:
+                pairs.append((f, first[d]))
+            else:
+                seen_here.setdefault(d, f)
+        for d, f in seen_here.items():
+            first.setdefault(d, f)
+    return pairs
 
 
 def _typical_size(samples: list[tuple[str, int]], limit: int = 256) -> int:
@@ -451,34 +556,50 @@ def _typical_size(samples: list[tuple[str, int]], limit: int = 256) -> int:
     return int(min(224, max(32, round(float(np.median(sides)) / 8) * 8)))
 
 
-def _check_one(path: str) -> str | None:
-    """None when ``path`` decodes to an RGB image, else why not, in a few words."""
+def _check_one(path: str) -> tuple[str | None, str | None]:
+    """(None when ``path`` decodes to an RGB image, else why not in a few words; a digest of its bytes,
+    None when they cannot be read)."""
+    import hashlib
+
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()[:DIGEST_CHARS]
+    except OSError:
+        digest = None
     try:
         if os.path.getsize(path) == 0:
-            return "empty file"
+            return "empty file", digest
         open_rgb(path)
-        return None
+        return None, digest
     except Exception as e:  # noqa: BLE001 - every way an image can fail to decode is reported, none raised
         from PIL import UnidentifiedImageError
 
         if isinstance(e, UnidentifiedImageError):
-            return "not an image Pillow can read"
+            return "not an image Pillow can read", digest
         text = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
         if "truncated" in text.lower() or isinstance(e, EOFError):
-            return "truncated"
-        return f"{type(e).__name__}: {text}" if text else type(e).__name__
+            return "truncated", digest
+        return (f"{type(e).__name__}: {text}" if text else type(e).__name__), digest
+
+
+DIGEST_CHARS = 16  # of a file's sha256, in hex: enough to tell apart the images of any folder
+SCAN_FORMAT = "scan 2"  # what a cached scan holds: unreadable images and a digest of every file
 
 
 def scan_images(files: list[str], cache: Path | None = None, threads: int = 4,
-                keep_bad: bool = True) -> dict[str, str]:
-    """Decode every image once; returns {file: reason} for those that cannot be read. The answer is
-    kept in ``cache`` under a key made of every file's path, size and modification time; one that
-    finds unreadable images only with ``keep_bad`` (a run that refuses them leaves nothing behind)."""
+                keep_bad: bool = True) -> tuple[dict[str, str], dict[str, str]]:
+    """Decode every image once; returns ({file: reason} for those that cannot be read, {file: digest
+    of its bytes}). The answer is kept in ``cache`` under a key made of every file's path, size and
+    modification time; one that finds unreadable images only with ``keep_bad`` (a run that refuses
+    them leaves nothing behind)."""
     import hashlib
     import json
     from concurrent.futures import ThreadPoolExecutor
 
-    stats = []
+    stats = [SCAN_FORMAT]
     for f in files:
         try:
             st = os.stat(f)
@@ -489,20 +610,23 @@ def scan_images(files: list[str], cache: Path | None = None, threads: int = 4,
     record = cache / f"{key}.json" if cache is not None else None
     if record is not None and record.is_file():
         try:
-            return dict(json.loads(record.read_text()))
-        except ValueError:
+            kept = json.loads(record.read_text())
+            if isinstance(kept.get("bad"), dict) and len(kept.get("digests", ())) == len(files):
+                return dict(kept["bad"]), {f: d for f, d in zip(files, kept["digests"]) if d}
+        except (ValueError, AttributeError, TypeError):
             pass
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(_check_one, files, chunksize=32))
-    bad = {f: r for f, r in zip(files, reasons) if r is not None}
+        checked = list(pool.map(_check_one, files, chunksize=32))
+    bad = {f: r for f, (r, _) in zip(files, checked) if r is not None}
+    digests = [d for _, d in checked]
     if record is not None and (keep_bad or not bad):
         from compress.fsio import write_json
 
         try:
-            write_json(record, bad)
+            write_json(record, {"bad": bad, "digests": digests})
         except OSError:
             pass
-    return bad
+    return bad, {f: d for f, d in zip(files, digests) if d}
 
 
 # ImageNet's training transform (timm's defaults) is made for 224-px photographs
@@ -568,13 +692,19 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
     classes = [c for c in classes if not c.startswith(".")]
     if len(classes) < 2:
         raise CompressError(f"image folder {base} needs at least two class folders, found {len(classes)}")
-    samples = _scan(base, classes)
-    if not samples:
+    found, loops = _scan(base, classes, root)
+    if not found:
         raise CompressError(f"image folder {base} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    named = {s: _scan(root / s, classes) for s in ("val", "test") if has_splits and (root / s).is_dir()}
+    parts = {"train": found}
+    for s in ("val", "test"):
+        if has_splits and (root / s).is_dir():
+            parts[s], more = _scan(root / s, classes, root)
+            loops += more
+    kept, repeats = _count_once(parts)
+    samples, named = kept.pop("train"), kept
     every = samples + [x for part in named.values() for x in part]
-    bad = scan_images([f for f, _ in every], scan_cache, threads=max(2, cfg.num_workers()),
-                      keep_bad=cfg.skip_bad_images)
+    bad, digests = scan_images([f for f, _ in every], scan_cache, threads=max(2, cfg.num_workers()),
+                               keep_bad=cfg.skip_bad_images)
     if bad:
         first = sorted(bad)[0]
         if not cfg.skip_bad_images:
@@ -593,6 +723,9 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
             if s_name in missing:
                 split[s_name] = [samples[i] for i in idx]
         samples = [samples[i] for i in idx_tr]
+    split["train"] = samples
+    identical = _identical_across_splits(split, digests)
+    _warn_about_folder(root, loops, repeats, identical)
     size = cfg.image_size or defaults.get("input_size") or _typical_size(samples)
     mean = tuple(cfg.mean or defaults.get("mean") or IMAGENET_MEAN)
     std = tuple(cfg.std or defaults.get("std") or IMAGENET_STD)
@@ -613,9 +746,39 @@ def load_imagefolder_bundle(cfg: DataConfig, defaults: dict | None = None, scan_
         interpolation=interpolation,
         crop_pct=crop_pct,
         skipped_images=sorted(bad),
+        symlink_loops=loops,
+        repeated_files=repeats,
+        identical_across_splits=identical,
         augmentation={"scale": list(augmentation["scale"]), "color_jitter": augmentation["color_jitter"],
                       "derived": augmentation["derived"]} if cfg.augment else None,
     )
+
+
+def shown(path: str, root: str | Path) -> str:
+    """``path`` relative to the image folder ``root`` when it lies below it, else as it is."""
+    r = os.path.relpath(path, root)
+    return path if r == ".." or r.startswith(".." + os.sep) else r
+
+
+def _warn_about_folder(root: Path, loops: list[tuple[str, str]], repeats: list[tuple[str, str]],
+                       identical: list[tuple[str, str]]) -> None:
+    """One warning line each for symlink loops not followed, paths that reach a file already counted
+    and files whose bytes recur in another split, naming the first few."""
+    def named(items: list[str]) -> str:
+        more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+        return ", ".join(items[:3]) + more
+
+    if loops:
+        log.warning(f"image folder {root}: symlink loop: {len(loops)} folder(s) lead back into a folder they are in "
+                    f"and were not followed: {named([f'{shown(a, root)} -> {b}' for a, b in loops])}")
+    if repeats:
+        log.warning(f"image folder {root}: {len(repeats)} path(s) reach an image already counted (through symlinks "
+                    f"or hard links) and were left out; each image counts once, in one split: "
+                    f"{named([f'{shown(a, root)} is {shown(b, root)}' for a, b in repeats])}")
+    if identical:
+        log.warning(f"image folder {root}: {len(identical)} image(s) of the val/test splits have the same bytes as "
+                    f"an image of an earlier split; kept: "
+                    f"{named([f'{shown(a, root)} = {shown(b, root)}' for a, b in identical])}")
 
 
 def _split_some(labels: np.ndarray, fractions: dict[str, float], seed: int):
@@ -662,6 +825,10 @@ def data_identity(cfg: DataConfig, resolved: DataBundle | None = None) -> dict:
         ident["resolved"] = {"image_size": resolved.image_size, "mean": list(resolved.mean),
                              "std": list(resolved.std), "interpolation": resolved.interpolation,
                              "crop_pct": resolved.crop_pct, "skipped": len(resolved.skipped_images)}
+        # a folder whose walk met a loop or a file twice: what was left out (absent otherwise)
+        for key, n in (("loops", len(resolved.symlink_loops)), ("repeats", len(resolved.repeated_files))):
+            if n:
+                ident["resolved"][key] = n
         if resolved.augmentation is not None:
             ident["resolved"]["augmentation"] = {k: resolved.augmentation[k] for k in ("scale", "color_jitter")}
     if cfg.dataset.startswith("imagefolder:"):

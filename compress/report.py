@@ -82,6 +82,25 @@ def in_effect(used: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def data_notes(d: dict) -> list[str]:
+    """What the report says about images left out or repeated, one sentence each (none for a clean set)."""
+    notes = []
+    if d.get("skipped_images"):
+        notes.append(f"{d['skipped_images']} unreadable image(s) were left out (data.skip_bad_images).")
+    if d.get("symlink_loops"):
+        notes.append(f"{d['symlink_loops']} symlinked folder(s) leading back into the image folder (a loop) "
+                     "were not followed.")
+    if d.get("repeated_files"):
+        notes.append(f"{d['repeated_files']} path(s) reaching an image already counted (symlinks, hard links) "
+                     "were left out: each image is counted once, in one split.")
+    if d.get("identical_across_splits"):
+        first = d.get("identical_examples") or []
+        example = f" (first: {first[0][0]} = {first[0][1]})" if first else ""
+        notes.append(f"{d['identical_across_splits']} image(s) of the val/test splits have the same bytes as an "
+                     f"image of an earlier split{example}; they were kept.")
+    return notes
+
+
 def main_table(ctx: RunContext, rows: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The teacher-vs-student table: (header, [(row label, one cell per model)])."""
     d = ctx.data.describe()
@@ -143,8 +162,7 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
     lines.append(f"Dataset **{d['dataset']}** ({d['num_classes']} classes; train/val/test "
                  f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} images at "
                  f"{d['image_size']}×{d['image_size']}). Accuracy is on the test split.")
-    if d.get("skipped_images"):
-        lines.append(f"{d['skipped_images']} unreadable image(s) were left out (data.skip_bad_images).")
+    lines += data_notes(d)
     if ctx.derived:
         lines.append("Derived from the data: " + "; ".join(describe_derived(ctx.derived)) + ".")
     if "distill" in ctx.results:
@@ -370,9 +388,7 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
     body = [f"<p class='note'>Dataset <b>{H.esc(d['dataset'])}</b> ({d['num_classes']} classes; train/val/test "
             f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} at {d['image_size']}×{d['image_size']}). "
             "Accuracy is on the test split.</p>"]
-    if d.get("skipped_images"):
-        body.append(f"<p class='note'>{d['skipped_images']} unreadable image(s) were left out "
-                    "(data.skip_bad_images).</p>")
+    body += [f"<p class='note'>{H.esc(n)}</p>" for n in data_notes(d)]
     if ctx.derived:
         body.append("<p class='note'>Derived from the data: "
                     + H.esc("; ".join(describe_derived(ctx.derived))) + ".</p>")

@@ -225,3 +225,111 @@ def test_a_validation_split_of_image_files_is_decoded_once(tmp_path):
     assert decoded_once(d.val, max_bytes=3 * 16 * 16 * 4 * len(d.val) - 1) is d.val
     digits = load_data(DataConfig(image_size=16))
     assert decoded_once(digits.val) is digits.val
+
+
+def _warnings_of_data(monkeypatch) -> list[str]:
+    """The warning lines compress.data logs, kept in a list."""
+    import compress.data
+
+    said: list[str] = []
+    monkeypatch.setattr(compress.data.log, "warning", said.append)
+    return said
+
+
+def _real_files(part) -> set:
+    import os
+
+    return {(os.stat(f).st_dev, os.stat(f).st_ino) for f in part.files}
+
+
+def test_a_symlink_loop_is_walked_once_and_named(tmp_path, monkeypatch):
+    """``a/up -> ..`` (a folder linked back to the image folder) is not followed: 16 images train,
+    validate and test as 16, no file in two splits, one warning names the link. A link to a folder
+    that holds the image folder is the same loop, named where it starts."""
+    import os
+
+    from compress.data import data_identity
+
+    root = tmp_path / "loop"
+    _write_pngs(root, classes=("a", "b"), per_class=8)
+    os.symlink("..", root / "a" / "up")
+    said = _warnings_of_data(monkeypatch)
+    cfg = DataConfig(dataset=f"imagefolder:{root}", image_size=16, workers=0)
+    d = load_data(cfg, scan_cache=tmp_path / "scans")
+    parts = (d.train, d.val, d.test)
+    assert [len(p) for p in parts] == [10, 2, 4]
+    assert len(set.union(*map(_real_files, parts))) == 16  # every image once, in one split
+    assert said == [f"image folder {root}: symlink loop: 1 folder(s) lead back into a folder they are in and were "
+                    f"not followed: a/up -> {root}"]
+    described = d.describe()
+    assert (described["symlink_loops"], described["repeated_files"], described["identical_across_splits"]) == (1, 0, 0)
+    assert data_identity(cfg, d)["resolved"]["loops"] == 1  # not the fingerprint of a run that went round the loop
+    again = load_data(cfg, scan_cache=tmp_path / "scans")
+    assert again.train.files == d.train.files and again.test.files == d.test.files
+    assert len(list((tmp_path / "scans").iterdir())) == 1
+
+    inner = tmp_path / "outer" / "inner"
+    _write_pngs(inner, classes=("a", "b"), per_class=8)
+    (inner / "b" / "deep").mkdir()
+    os.symlink(tmp_path / "outer", inner / "b" / "deep" / "top")
+    said.clear()
+    d = load_data(DataConfig(dataset=f"imagefolder:{inner}", image_size=16, workers=0))
+    assert len(d.train) + len(d.val) + len(d.test) == 16
+    assert said == [f"image folder {inner}: symlink loop: 1 folder(s) lead back into a folder they are in and were "
+                    f"not followed: b/deep/top -> {tmp_path / 'outer'}"]
+
+
+def test_one_file_reached_twice_counts_once_in_one_split(tmp_path, monkeypatch):
+    """A hard link, a symlinked file and a symlinked folder reach images already counted: each image
+    counts once; one reached from train/ and test/ is tested on, not trained on; one reached from two
+    classes keeps the class of its direct path."""
+    import os
+
+    from compress.data import data_identity
+
+    root = tmp_path / "ds"
+    _write_pngs(root / "train", classes=("ant", "bee"), per_class=4)
+    _write_pngs(root / "test", classes=("ant", "bee"), per_class=2, size=11)
+    os.link(root / "train" / "ant" / "0.png", root / "test" / "ant" / "h.png")
+    os.symlink("../../test/bee/0.png", root / "train" / "bee" / "s.png")
+    os.symlink("../bee", root / "train" / "ant" / "more")  # bee's images again, under ant
+    said = _warnings_of_data(monkeypatch)
+    cfg = DataConfig(dataset=f"imagefolder:{root}", image_size=16, workers=0, val_fraction=0.25)
+    d = load_data(cfg)
+    learn, test = _real_files(d.train) | _real_files(d.val), _real_files(d.test)
+    assert not learn & test
+    assert len(d.train) + len(d.val) == 7 and len(d.test) == 5
+    assert str(root / "test" / "ant" / "h.png") in d.test.files and str(root / "test" / "bee" / "0.png") in d.test.files
+    bee = [(f, int(y)) for part in (d.train, d.val) for f, y in part.samples if "bee" in f]
+    assert sorted(bee) == [(str(root / "train" / "bee" / f"{i}.png"), 1) for i in range(4)]
+    assert d.describe()["repeated_files"] == 7 and data_identity(cfg, d)["resolved"]["repeats"] == 7
+    assert len(said) == 1 and said[0].startswith(f"image folder {root}: 7 path(s) reach an image already counted")
+    assert "train/ant/0.png is test/ant/h.png" in said[0]
+
+
+def test_identical_images_in_two_splits_are_named_and_reported(tmp_path, monkeypatch):
+    """Copies (same bytes, separate files) that the seeded split puts in two splits are kept, named in
+    a warning, counted in the data's description and stated by the report."""
+    import shutil
+
+    from compress.data import data_identity
+    from compress.report import data_notes
+
+    root = tmp_path / "imgs"
+    _write_pngs(root, classes=("sea", "sky"), per_class=6)
+    for i in range(1, 6):
+        shutil.copy(root / "sky" / "0.png", root / "sky" / f"{i}.png")
+    said = _warnings_of_data(monkeypatch)
+    cfg = DataConfig(dataset=f"imagefolder:{root}", image_size=16, workers=0)
+    d = load_data(cfg)
+    assert len(d.train) + len(d.val) + len(d.test) == 12
+    held_out = [f for part in (d.val, d.test) for f in part.files if "/sky/" in f]
+    described = d.describe()
+    assert described["identical_across_splits"] == len(held_out) == 3 and described["repeated_files"] == 0
+    first = described["identical_examples"][0]
+    assert first[0].startswith("sky/") and first[1].startswith("sky/")
+    assert len(said) == 1 and said[0].startswith(f"image folder {root}: 3 image(s) of the val/test splits have the "
+                                                 f"same bytes as an image of an earlier split; kept: ")
+    assert f"{first[0]} = {first[1]}" in said[0]
+    assert any(n.startswith("3 image(s) of the val/test splits have the same bytes") for n in data_notes(described))
+    assert not {"loops", "repeats"} & set(data_identity(cfg, d)["resolved"])  # a folder without repeats: as before
