@@ -17,6 +17,8 @@ table{border-collapse:collapse;margin:.8rem 0;font-size:.88rem}th,td{border:1px 
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}figure{margin:1rem 0}
 figcaption{font-size:.85rem;color:#555}img{max-width:100%;height:auto;border:1px solid #eee}
 .note{color:#555;font-size:.9rem}code{background:#f5f5f5;padding:0 .2rem}
+.headline{border-left:4px solid #4c72b0;background:#f6f8fb;padding:.4rem 1rem;margin:1rem 0}
+.headline p{margin:.35rem 0}.warning{color:#8a4b00;font-weight:600}
 """
 _SCRIPT = """
 window.addEventListener('load', function () {

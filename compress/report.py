@@ -71,6 +71,20 @@ def summary(ctx: RunContext) -> dict:
     }
 
 
+def method_line(m: dict, code=lambda t: t) -> str:
+    """"Distillation: method kd, α = 0.5, T = 4; ...": the method and the values it computed with."""
+    params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
+    used = m.get("in_effect")
+    if used is None:  # a stage folder whose metrics predate the record: eq. (1)'s values, where read
+        from compress.distill import METHODS
+
+        reads = METHODS[m["method"]].reads if m["method"] in METHODS else ()
+        used = {f"distill.{k}": m[k] for k in reads if k in m}
+    return (f"Distillation: method {code(m['method'])}" + (f", {in_effect(used)}" if used else "")
+            + (f"; {params}" if params else "") + (f"; assistant {code(m['assistant'])}" if m.get("assistant") else "")
+            + ".")
+
+
 def in_effect(used: dict[str, float]) -> str:
     """"α = 0.9, T = 4.0": the α and temperature a method computed with, each from the recipe key
     named in brackets when it is the method's own (``params``)."""
@@ -101,7 +115,62 @@ def data_notes(d: dict) -> list[str]:
     return notes
 
 
-def main_table(ctx: RunContext, rows: list[dict]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+#: the file a run ships, by the stages that ran: the quantized student, else the pruned, else the distilled
+DELIVERABLE_ORDER = ("student_int8", "student_pruned", "student")
+
+
+def _main_latency(ctx: RunContext, row: dict) -> dict | None:
+    """The row's latency at the bench's main setting: the data's input size, the first thread count."""
+    lats = [x for x in row["latency"] if x["image_size"] == ctx.data.image_size] or row["latency"]
+    return lats[0] if lats else None
+
+
+def headline(ctx: RunContext, rows: list[dict], code=lambda t: t) -> list[str]:
+    """What to ship, in two or three sentences: the file, its accuracy against the teacher's, how much
+    faster and smaller than the teacher it is at the bench's main setting, and a warning when the INT8
+    file is slower than the FP32 student it was made from. Empty when no student file was measured."""
+    by_role = {r["role"]: r for r in rows}
+    role = next((r for r in DELIVERABLE_ORDER if r in by_role and by_role[r]["onnx_accuracy"] is not None), None)
+    if role is None:
+        return []
+    ship, teacher = by_role[role], by_role.get("teacher")
+    artifact = ARTIFACTS[role]
+    lines = []
+    acc = f"accuracy {ship['onnx_accuracy']:.4f} on the test split (onnxruntime)"
+    if teacher and teacher["onnx_accuracy"] is not None:
+        delta = 100 * (ship["onnx_accuracy"] - teacher["onnx_accuracy"])
+        acc += f" against the teacher's {teacher['onnx_accuracy']:.4f} ({delta:+.1f} points)"
+    lines.append(f"Ship {code(artifact.file)} ({artifact.label} {code(ship['model'])}): {acc}.")
+    mine = _main_latency(ctx, ship)
+    theirs = _main_latency(ctx, teacher) if teacher else None
+    speed = []
+    if mine and theirs and mine["image_size"] == theirs["image_size"] and mine["threads_setting"] == theirs["threads_setting"]:
+        ratio = theirs["p50_ms"] / mine["p50_ms"]
+        speed.append((f"{ratio:.1f}× faster" if ratio >= 1 else f"{1 / ratio:.1f}× slower")
+                     + f" (p50 {mine['p50_ms']:.3f} ms against "
+                     f"{theirs['p50_ms']:.3f} ms at {mine['image_size']}×{mine['image_size']}, batch 1, "
+                     f"{mine['threads_setting']})")
+    if teacher and ship["onnx_size_bytes"] and teacher["onnx_size_bytes"]:
+        speed.append(f"{teacher['onnx_size_bytes'] / ship['onnx_size_bytes']:.1f}× smaller "
+                     f"({_mb(ship['onnx_size_bytes'])} against {_mb(teacher['onnx_size_bytes'])})")
+    if speed:
+        lines.append("Against the teacher: " + ", ".join(speed) + ".")
+    if artifact.precision == "int8":
+        source = ARTIFACTS["student_pruned" if "student_pruned" in by_role else "student"]
+        fp32 = by_role.get(source.role)
+        fast = _main_latency(ctx, fp32) if fp32 else None
+        if mine and fast and fast["threads_setting"] == mine["threads_setting"] and fast["p50_ms"] < mine["p50_ms"]:
+            acc32 = f", accuracy {fp32['onnx_accuracy']:.4f}" if fp32["onnx_accuracy"] is not None else ""
+            size = (f"; the INT8 file buys size only ({_mb(ship['onnx_size_bytes'])} against "
+                    f"{_mb(fp32['onnx_size_bytes'])})") if ship["onnx_size_bytes"] and fp32["onnx_size_bytes"] else ""
+            lines.append(f"Warning: on this machine the INT8 file is slower than the FP32 student it was made from "
+                         f"({mine['p50_ms']:.3f} ms against {fast['p50_ms']:.3f} ms, "
+                         f"{mine['p50_ms'] / fast['p50_ms']:.2f}×, {mine['threads_setting']}): for speed ship "
+                         f"{code(source.file)}{acc32}{size}.")
+    return lines
+
+
+def main_table(ctx: RunContext, rows: list[dict], code=lambda t: t) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The teacher-vs-student table: (header, [(row label, one cell per model)])."""
     d = ctx.data.describe()
     settings = []
@@ -110,7 +179,7 @@ def main_table(ctx: RunContext, rows: list[dict]) -> tuple[list[str], list[tuple
             key = (lat["image_size"], lat["threads_setting"])
             if key not in settings:
                 settings.append(key)
-    head = ["", *[f"{r['label']} `{r['model']}`" for r in rows]]
+    head = ["", *[f"{r['label']} {code(r['model'])}" for r in rows]]
     table = [
         ("params", [_fmt(r["params"], ",", "n/a") for r in rows]),
         (f"MACs ({d['image_size']}×{d['image_size']})", [_fmt(r["macs"] and r["macs"] / 1e6, ".2f") + " M" for r in rows]),
@@ -158,6 +227,9 @@ def lineage(ctx: RunContext) -> dict:
 def markdown(ctx: RunContext, rows: list[dict]) -> str:
     cfg = ctx.cfg
     lines = [f"# compress run `{cfg.name}`", ""]
+    ship = headline(ctx, rows, code=lambda t: f"`{t}`")
+    if ship:
+        lines += [f"**{ship[0]}**", *ship[1:], ""]
     d = ctx.data.describe()
     lines.append(f"Dataset **{d['dataset']}** ({d['num_classes']} classes; train/val/test "
                  f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} images at "
@@ -166,19 +238,9 @@ def markdown(ctx: RunContext, rows: list[dict]) -> str:
     if ctx.derived:
         lines.append("Derived from the data: " + "; ".join(describe_derived(ctx.derived)) + ".")
     if "distill" in ctx.results:
-        m = ctx.results["distill"].metrics
-        params = ", ".join(f"{k} = {v}" for k, v in m.get("method_params", {}).items())
-        used = m.get("in_effect")
-        if used is None:  # a stage folder whose metrics predate the record: eq. (1)'s values, where read
-            from compress.distill import METHODS
-
-            reads = METHODS[m["method"]].reads if m["method"] in METHODS else ()
-            used = {f"distill.{k}": m[k] for k in reads if k in m}
-        lines.append(f"Distillation: method `{m['method']}`" + (f", {in_effect(used)}" if used else "")
-                     + (f"; {params}" if params else "") + (f"; assistant `{m['assistant']}`" if m.get("assistant") else "")
-                     + ".")
+        lines.append(method_line(ctx.results["distill"].metrics, code=lambda t: f"`{t}`"))
     lines += ["", "## Teacher vs student", ""]
-    head, table = main_table(ctx, rows)
+    head, table = main_table(ctx, rows, code=lambda t: f"`{t}`")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for label, cells in table:
@@ -385,13 +447,24 @@ def html_report(ctx: RunContext, rows: list[dict], extra: list[str] | None = Non
     from compress import html as H
 
     d = ctx.data.describe()
-    body = [f"<p class='note'>Dataset <b>{H.esc(d['dataset'])}</b> ({d['num_classes']} classes; train/val/test "
+    ship = headline(ctx, rows, code=lambda t: f"\x00{t}\x01")
+    body = []
+    if ship:
+        def marked(text: str) -> str:  # file and model names in <code>, the rest escaped
+            return H.esc(text).replace("\x00", "<code>").replace("\x01", "</code>")
+
+        body.append("<div class='headline'>" + f"<p><b>{marked(ship[0])}</b></p>"
+                    + "".join(f"<p class='{'warning' if t.startswith('Warning') else 'note'}'>{marked(t)}</p>"
+                              for t in ship[1:]) + "</div>")
+    body += [f"<p class='note'>Dataset <b>{H.esc(d['dataset'])}</b> ({d['num_classes']} classes; train/val/test "
             f"{d['sizes']['train']}/{d['sizes']['val']}/{d['sizes']['test']} at {d['image_size']}×{d['image_size']}). "
             "Accuracy is on the test split.</p>"]
     body += [f"<p class='note'>{H.esc(n)}</p>" for n in data_notes(d)]
     if ctx.derived:
         body.append("<p class='note'>Derived from the data: "
                     + H.esc("; ".join(describe_derived(ctx.derived))) + ".</p>")
+    if "distill" in ctx.results:
+        body.append(f"<p class='note'>{H.esc(method_line(ctx.results['distill'].metrics))}</p>")
     if rows:
         head, table = main_table(ctx, rows)
         body += ["<h2>Teacher vs student</h2>", H.table(head, [[label, *cells] for label, cells in table])]

@@ -183,3 +183,49 @@ def test_workflow_passes_actionlint(tmp_path):
     assert r.returncode == 1 and "nope" in r.stdout
     workflow = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
     assert "bash .ci/run" in workflow and "upload-artifact" in workflow and "*.onnx" in workflow
+
+
+def test_report_opens_with_the_file_to_ship(tiny_run):
+    """report.md and report.html open with the deliverable, its accuracy against the teacher's and how
+    much faster and smaller it is; no Markdown syntax reaches the HTML page."""
+    table = {r["role"]: r for r in json.loads((tiny_run / "summary.json").read_text())["table"]}
+    student, teacher = table["student"], table["teacher"]
+    delta = 100 * (student["onnx_accuracy"] - teacher["onnx_accuracy"])
+    first = (f"**Ship `model_fp32.onnx` (student FP32 `mobilenetv2_035`): accuracy {student['onnx_accuracy']:.4f} on "
+             f"the test split (onnxruntime) against the teacher's {teacher['onnx_accuracy']:.4f} ({delta:+.1f} points).**")
+    md = (tiny_run / "report.md").read_text().splitlines()
+    assert md[2] == first
+    size = teacher["onnx_size_bytes"] / student["onnx_size_bytes"]
+    assert md[3].startswith("Against the teacher: ") and f"{size:.1f}× smaller" in md[3]
+    page = (tiny_run / "report.html").read_text()
+    assert "`" not in page and "**" not in page
+    assert "<div class='headline'><p><b>Ship <code>model_fp32.onnx</code>" in page
+
+
+def _lat(p50: float) -> list[dict]:
+    return [{"image_size": 32, "threads_setting": "1 thread", "p50_ms": p50, "mean_ms": p50, "p99_ms": p50}]
+
+
+def _row(role: str, p50: float, acc: float, size: int) -> dict:
+    return {"role": role, "model": "m", "onnx_accuracy": acc, "onnx_size_bytes": size, "latency": _lat(p50)}
+
+
+def test_headline_warns_when_the_int8_file_is_slower_than_fp32():
+    from types import SimpleNamespace
+
+    from compress.report import headline
+
+    ctx = SimpleNamespace(data=SimpleNamespace(image_size=32))
+    teacher = _row("teacher", 8.0, 0.90, 40_000_000)
+    fp32 = _row("student", 1.0, 0.88, 8_000_000)
+    slow = headline(ctx, [teacher, fp32, _row("student_int8", 1.25, 0.87, 2_000_000)])
+    assert slow[0].startswith("Ship model_int8.onnx (student INT8 (QAT) m): accuracy 0.8700")
+    assert "(-3.0 points)" in slow[0]
+    assert slow[1].startswith("Against the teacher: 6.4× faster (p50 1.250 ms against 8.000 ms") and "20.0× smaller" in slow[1]
+    assert slow[2] == ("Warning: on this machine the INT8 file is slower than the FP32 student it was made from "
+                       "(1.250 ms against 1.000 ms, 1.25×, 1 thread): for speed ship model_fp32.onnx, accuracy 0.8800; "
+                       "the INT8 file buys size only (2.00 MB against 8.00 MB).")
+    fast = headline(ctx, [teacher, fp32, _row("student_int8", 0.5, 0.87, 2_000_000)])
+    assert len(fast) == 2 and not any(line.startswith("Warning") for line in fast)
+    # a student slower than its teacher is said so, not "0.5× faster"
+    assert "2.0× slower" in headline(ctx, [_row("teacher", 1.0, 0.9, 4), _row("student", 2.0, 0.8, 2)])[1]
