@@ -146,3 +146,14 @@ def test_pretrained_files_start_teacher_and_student(cli, tiny_recipe, tmp_path):
         assert body and all(torch.equal(saved[k], original[k]) for k in body), stage
     assert "pretrained weights" in json.loads((run / "teacher" / "metrics.json").read_text())["source"]
     assert json.loads((run / "distill" / "metrics.json").read_text())["start"] == f"pretrained weights {student_file}"
+
+
+def test_a_diverging_run_ends_with_one_whole_line(cli, tiny_recipe, tmp_path):
+    """The loss turning nan stops the run with one line that ends the line (the shell prompt is not
+    glued to it) and no stage folder."""
+    r = cli("pipeline", tiny_recipe(stages=["teacher"]), "--artifacts", tmp_path / "art", "--set", "teacher.lr=10")
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("compress: error: ")]
+    assert len(errors) == 1 and "loss became nan at epoch 1; lower the learning rate" in errors[0], r.stderr
+    assert r.stderr.endswith("lower the learning rate\n") and "Traceback" not in r.stderr
+    assert not (tmp_path / "art" / "tiny" / "teacher").exists()
