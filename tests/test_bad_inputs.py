@@ -290,7 +290,7 @@ CASES = [
     ("checkpoint-whole-model", _teacher_ckpt("whole_model"), "carries code or objects (timm."),
     ("pretrained-random-bytes", lambda i, art: [P, i.recipe, "--artifacts", art, "--set",
                                                 f"distill.pretrained={i.random_pt}"],
-     "pretrained weights"),
+     "/random.pt cannot be read: it is neither a safetensors file nor a torch file or pickle"),
     # datasets
     ("dataset-cifar-pickle-with-code", _pipe("--dataset", "cifar10", "--set", "data.root=CIFAR"),
      "carries code or objects (posix.system)"),

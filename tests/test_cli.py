@@ -4,10 +4,13 @@ half-written."""
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
+from compress.data import DataConfig, load_data
+from compress.evaluate import ort_session
 from compress.models import create_model
 
 pytestmark = pytest.mark.e2e
@@ -26,9 +29,17 @@ def test_unknown_model(cli):
 
 
 def test_models_lists_parameter_counts(cli):
+    """The counts are of 10-class models: torchvision's published count of each ImageNet model with its
+    1000-class head (features × 1000 weights + 1000 biases) exchanged for a 10-class one."""
+    from torchvision.models import get_model_weights
+
     r = cli("models", "shufflenet*")
     assert r.returncode == 0
-    assert "shufflenet_v2_x1_0" in r.stdout and "1,263,854" in r.stdout  # torchvision's 10-class x1_0
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:-1]}
+    for width, features in (("x0_5", 1024), ("x1_0", 1024), ("x1_5", 1024), ("x2_0", 2048)):
+        name = f"shufflenet_v2_{width}"
+        imagenet = get_model_weights(name).IMAGENET1K_V1.meta["num_params"]
+        assert rows[name][3] == f"{imagenet - (features * 1000 + 1000) + (features * 10 + 10):,}", rows[name]
 
 
 def test_teacher_from_checkpoint_and_export_bench_commands(cli, tiny_recipe, tmp_path):
@@ -79,10 +90,27 @@ def test_smoke_pipeline_end_to_end_then_skips(cli, tiny_recipe, tmp_path):
     assert student["onnx_accuracy"] == pytest.approx(student["torch_accuracy"], abs=1e-6)
     report = (run / "report.md").read_text()
     assert "distillation factor" in report and "mobilenetv2_035" in report
-    props = {p.key: p.value for p in onnx.load(str(run / "export" / "model_fp32.onnx")).metadata_props}
-    for key in ("compress.input_size", "compress.mean", "compress.std", "compress.class_names", "compress.teacher",
-                "compress.student", "compress.dataset", "compress.accuracy", "compress.distillation_factor"):
-        assert key in props, key
+    # what a deployer reads from the file: the models, the data, the classes, the input and its normalization
+    fp32 = run / "export" / "model_fp32.onnx"
+    props = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    assert (props["compress.teacher"], props["compress.student"], props["compress.dataset"]) == \
+        ("mobilenetv3_small_050", "mobilenetv2_035", "digits")
+    assert json.loads(props["compress.input_size"]) == [1, 3, 16, 16]
+    assert json.loads(props["compress.class_names"]) == [str(d) for d in range(10)]
+    teacher_params, student_params = (sum(p.numel() for p in create_model(m, 10).parameters())
+                                      for m in ("mobilenetv3_small_050", "mobilenetv2_035"))
+    assert float(props["compress.distillation_factor"]) == pytest.approx(teacher_params / student_params, abs=1e-4)
+    # the test split's 0..1 pixels normalized with the file's mean and std give the logits of the run's test split
+    raw = load_data(DataConfig(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))).test
+    mean, std = (np.array(json.loads(props[k]), dtype=np.float32).reshape(1, 3, 1, 1)
+                 for k in ("compress.mean", "compress.std"))
+    session = ort_session(fp32, threads=1)
+    name = session.get_inputs()[0].name
+    logits = session.run(None, {name: (raw.images.numpy() - mean) / std})[0]
+    want = session.run(None, {name: load_data(DataConfig(image_size=16)).test.images.numpy()})[0]
+    np.testing.assert_allclose(logits, want, rtol=1e-3, atol=1e-3)
+    accuracy = float((logits.argmax(1) == raw.labels.numpy()).mean())
+    assert float(props["compress.accuracy"]) == pytest.approx(accuracy, abs=1e-6)
 
     again = cli("pipeline", recipe, "--artifacts", art)
     assert again.returncode == 0

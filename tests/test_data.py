@@ -24,13 +24,38 @@ def test_digits_split_is_fixed_stratified_and_normalized():
     assert not torch.equal(a.test.labels, c.test.labels)
 
 
+def _shifted(x, dy, dx):
+    """``x`` moved by (dy, dx) pixels, the pixels beyond its border copied from the nearest edge."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(h).add(dy).clamp(0, h - 1)
+    cols = torch.arange(w).add(dx).clamp(0, w - 1)
+    return x[:, rows][:, :, cols]
+
+
 def test_augmentation_only_on_train_and_seeded():
+    """A training sample is its stored image shifted by up to 16 // 8 = 2 pixels each way (edges
+    copied), drawn anew each time from torch's generator; validation and test samples are as stored."""
     d = load_data(DataConfig(image_size=16))
-    torch.manual_seed(3)
-    x1 = d.train[0][0]
-    torch.manual_seed(3)
-    assert torch.equal(x1, d.train[0][0])
-    assert torch.equal(d.test[0][0], d.test.images[0])
+    stored = d.train.images[0]
+    shifts = {(dy, dx): _shifted(stored, dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    assert len({tuple(v.flatten().tolist()) for v in shifts.values()}) == 25  # the image tells every shift apart
+    seen = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x = d.train[0][0]
+        match = [s for s, v in shifts.items() if torch.equal(x, v)]
+        assert len(match) == 1, f"seed {seed}: not a shift of the stored image by at most 2 pixels"
+        seen.add(match[0])
+        torch.manual_seed(seed)
+        assert torch.equal(x, d.train[0][0])
+    # 40 draws of 25 equally likely shifts: every row and column offset occurs, most pairs do
+    assert len(seen) >= 15, sorted(seen)
+    assert {dy for dy, _ in seen} == {dx for _, dx in seen} == {-2, -1, 0, 1, 2}, sorted(seen)
+    for split in (d.val, d.test):
+        for i in (0, 1, len(split) - 1):
+            assert torch.equal(split[i][0], split.images[i])
+    plain = load_data(DataConfig(image_size=16, augment=False))
+    assert all(torch.equal(plain.train[i][0], plain.train.images[i]) for i in range(5))
 
 
 def _write_cifar10(root, n_train_per_batch=6, n_test=10):

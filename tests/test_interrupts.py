@@ -192,10 +192,19 @@ def test_killed_at_random_points_reruns_to_the_uninterrupted_result(reference, t
     itself killed at the next random point; after the last kill a rerun finishes with the
     uninterrupted run's results. Each run is killed after a time drawn (with a fixed seed) within the
     uninterrupted run's duration, from its first write to its end. A run that finishes before its kill
-    must equal the uninterrupted one; the next kills go on from nothing."""
+    must equal the uninterrupted one; the next kills go on from nothing. When no kill has landed inside
+    a stage, one more run is killed in the student's training, after its first epoch's checkpoint."""
     recipe, art = tiny(tmp_path), tmp_path / "art"
     rng = random.Random(KILL_SEED)
     finished, hit = 0, []
+
+    def landed(r: Run, rc: int) -> bool:
+        if rc == -signal.SIGKILL:
+            hit.append(next((line for line in reversed(r.stderr.splitlines()) if line.startswith("[")), "start-up"))
+            return True
+        assert rc == 0, r.stderr
+        return False
+
     for i in range(KILLS):
         r = Run(recipe, art, log=tmp_path / f"stderr{i}")
         try:
@@ -203,13 +212,21 @@ def test_killed_at_random_points_reruns_to_the_uninterrupted_result(reference, t
         except subprocess.TimeoutExpired:
             r.signal(signal.SIGKILL)
             rc = r.wait()
-        if rc == -signal.SIGKILL:
-            hit.append(next((line for line in reversed(r.stderr.splitlines()) if line.startswith("[")), "start-up"))
+        if landed(r, rc):
             continue
-        assert rc == 0, r.stderr  # done before its kill: check it, go on from nothing
+        # done before its kill: check it, go on from nothing
         assert outcome(art / "tiny") == reference["outcome"], f"run {i} after earlier kills"
         finished += 1
         shutil.rmtree(art)
+    if all(h == "start-up" for h in hit):
+        r = Run(recipe, art, log=tmp_path / "stderr-in-training")
+
+        def student_epoch_1_saved():
+            return any((art / "tiny" / ".work").glob("distill-*/last.pt"))
+
+        wait_for(student_epoch_1_saved, r)
+        r.signal(signal.SIGKILL)
+        assert landed(r, r.wait()), "the run finished although it was killed in the student's training"
     rc, err = run(recipe, art, log=tmp_path / "stderr-final")
     assert rc == 0, err
     assert outcome(art / "tiny") == reference["outcome"]

@@ -44,4 +44,8 @@ def test_macs_count_convolutions_and_linear():
     # 8x8 output: regular conv 8*3*9 per pixel, depthwise 8*9 per pixel, linear 8*10
     expected = 64 * 8 * 3 * 9 + 64 * 8 * 9 + 80
     assert M.count_macs(net, 8) == expected
-    assert M.count_params(net) == sum(p.numel() for p in net.parameters())
+    # weights and biases: conv 8*3*9 + 8, depthwise 8*9 + 8, linear 8*10 + 10
+    assert M.count_params(net) == (216 + 8) + (72 + 8) + (80 + 10)
+    # a module used twice holds its parameters once
+    shared = nn.Linear(4, 4)
+    assert M.count_params(nn.Sequential(shared, nn.ReLU(), shared)) == 16 + 4

@@ -127,21 +127,33 @@ def test_pretrained_file_refusals_are_one_line(tmp_path):
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def _offline() -> bool:
-    try:
-        socket.getaddrinfo("huggingface.co", 443)
-        socket.getaddrinfo("download.pytorch.org", 443)
-    except OSError:
-        return True
-    return False
+def test_published_weights_offline_is_one_line(tmp_path, monkeypatch):
+    """Without a network and with empty weight caches, published weights (timm's from the Hugging Face
+    hub, torchvision's from download.pytorch.org) are refused in one line that says what to do."""
+    from huggingface_hub import constants
 
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-@pytest.mark.skipif(not _offline(), reason="needs a machine without network")
-def test_published_weights_offline_is_one_line():
+    def refused(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", refused)
+    monkeypatch.setattr(socket.socket, "connect_ex", refused)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch-hub"))
+    offline = constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)  # set back after the test whatever happens
     for name in ("resnet18", "torchvision:mnasnet0_5"):
         with pytest.raises(CompressError) as e:
             create_model(name, 10, pretrained=True)
-        assert "could not fetch pretrained weights" in str(e.value) and "\n" not in str(e.value)
+        msg = str(e.value)
+        assert msg.startswith(f"could not fetch pretrained weights for {name} (") and "\n" not in msg, msg
+        assert "they need the network: connect, or give pretrained: PATH" in msg, msg
+    assert constants.HF_HUB_OFFLINE == offline  # the hub's offline switch is set back after the attempt
 
 
 def test_pretrained_data_config_reads_the_published_preprocessing():
