@@ -312,6 +312,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
     start = 0
     state = _load_state(ckpt_path, device)  # rank 0 reads it and hands it to the others
     if state is not None:
+        # load_state_dict copies every tensor that fits before it refuses the rest: starting over
+        # starts from these weights, not from a mix of them and the checkpoint's
+        initial = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (model, objective)]
         try:
             model.load_state_dict(state["model"])
             objective.load_state_dict(state.get("objective", {}))
@@ -323,6 +326,9 @@ def _fit(model, objective, train_ds, val_ds, cfg, work_dir, device, *, seed, bat
         except Exception as e:  # noqa: BLE001 - an unreadable checkpoint restarts the stage from scratch
             log.warning(f"{desc}: checkpoint {ckpt_path} cannot be resumed from ({short(e, 120)}); starting over")
             start, result.history = 0, []
+            for m, values in zip((model, objective), initial):
+                m.load_state_dict(values)
+            optimizer = make_optimizer(nn.ModuleList([model, objective]), cfg)
             keeper = _Keeper(keeper.select)
             ema = _ema(model, cfg)
         result.resumed_from_epoch = start

@@ -63,6 +63,29 @@ def tiny_recipe(tmp_path):
     return lambda name="tiny", **sections: write_tiny_recipe(tmp_path, name, **sections)
 
 
+def done_stages(folder: Path, recipe: dict, models: dict[str, str]):
+    """A run context of ``recipe`` (16-pixel digits, 1 % of them for testing, unless it says otherwise)
+    whose stages in ``models`` (stage: model name) are done: each a seeded, untrained checkpoint of its
+    model with the metrics later stages read. What a stage's own test runs it on, without training."""
+    from compress.config import validate_recipe
+    from compress.context import RunContext, StageResult
+    from compress.models import create_model, save_checkpoint
+    from compress.stages.common import MODEL_FILE, model_meta
+
+    raw = {"name": "t", "data": {"dataset": "digits", "image_size": 16, "test_fraction": 0.01}, **recipe}
+    raw.setdefault("teacher", {}).setdefault("model", models.get("teacher", "mobilenetv2_035"))
+    raw.setdefault("distill", {}).setdefault("student", models.get("distill", "mobilenetv2_035"))
+    ctx = RunContext(cfg=validate_recipe(raw), run_dir=folder / "run", cache_dir=folder / "cache")
+    for seed, (stage, name) in enumerate(models.items()):
+        torch.manual_seed(seed)
+        save_checkpoint(create_model(name, ctx.data.num_classes).eval(), ctx.stage_dir(stage) / MODEL_FILE,
+                        model_meta(ctx, name, stage))
+        ctx.results[stage] = StageResult(stage, ctx.stage_dir(stage), f"{stage}-fingerprint", {
+            "model": name, "teacher": models.get("teacher", name), "distillation_factor": 1.0, "method": "kd",
+            "alpha": 0.9, "temperature": 4.0, "test_accuracy": 0.1})
+    return ctx
+
+
 def render(page: Path) -> dict:
     """Load ``page`` in headless Chromium; the page's own script records its decoded images and rows."""
     with tempfile.TemporaryDirectory() as profile:

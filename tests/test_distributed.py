@@ -154,3 +154,35 @@ def test_a_recipe_checked_for_its_processes(tmp_path, monkeypatch, capsys):
     code, out = check()
     assert code == 2 and "does not split evenly over 3 processes" in out.err, out
     assert not (tmp_path / "art").exists()
+
+
+def test_sync_bn_under_torchrun_on_the_cpu(monkeypatch):
+    """torch has SyncBatchNorm for CUDA only: with several processes on the CPU, ``compute.sync_bn: true``
+    is refused in one line that says what to set, ``auto`` leaves each process normalizing its own share
+    (whatever the batch) and the fingerprint says nothing of it; on CUDA ``auto`` turns it on below
+    ``sync_bn_below``. One process has nothing to synchronize."""
+    from compress import dist
+    from compress.errors import CompressError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    try:
+        dist.configure(sync_bn=True, mixed_precision="off")
+        assert dist.hardware_plan(cpu, 4).sync_bn is False  # one process
+        monkeypatch.setattr(dist, "active", lambda: True)
+        monkeypatch.setattr(dist, "world", lambda: 2)
+        with pytest.raises(CompressError) as refused:
+            dist.hardware_plan(cpu, 4)
+        assert str(refused.value) == ("compute.sync_bn: torch runs SyncBatchNorm on CUDA only; on CPU set it to "
+                                      "auto or false (each process then normalizes its own share of the batch)")
+        with pytest.raises(CompressError, match="SyncBatchNorm on CUDA only"):
+            dist.effective("cpu", 4)  # a stage's fingerprint: before the stage starts
+        assert dist.hardware_plan(cuda, 64).sync_bn is True
+        dist.configure(sync_bn="auto", sync_bn_below=32, mixed_precision="off")
+        assert dist.hardware_plan(cpu, 4).sync_bn is False
+        assert dist.effective("cpu", 4) == {"world": 2}
+        assert [dist.hardware_plan(cuda, b).sync_bn for b in (4, 31, 32)] == [True, True, False]
+        assert dist.effective("cuda", 4)["sync_bn"] is True
+        dist.configure(sync_bn=False, mixed_precision="off")
+        assert dist.hardware_plan(cpu, 4).sync_bn is False and dist.hardware_plan(cuda, 4).sync_bn is False
+    finally:
+        dist.configure()

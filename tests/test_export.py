@@ -15,7 +15,7 @@ from compress.errors import CheckFailed, CompressError
 from compress.evaluate import ort_predict, ort_session
 from compress.export import export_onnx, logit_excess, parity, read_metadata
 from compress.models import create_model
-from conftest import EDGE_MODELS
+from conftest import EDGE_MODELS, done_stages
 
 
 @pytest.fixture(scope="module")
@@ -375,3 +375,59 @@ def test_int8_ir_gate_refuses_only_an_accuracy_loss_beyond_chance():
     bad = E.accuracy_no_worse(worse, ref, labels)
     assert not bad["no_worse"] and bad["right_only_in_reference"] == 18 and bad["max_net_images_lost"] == 8.49
     assert bad["accuracy"] == pytest.approx(ok["reference_accuracy"] - 18 / 800)
+
+
+@pytest.mark.skipif(not OPENVINO, reason="openvino is not installed (pip install 'compress[openvino]')")
+def test_an_int8_ir_that_fails_its_gate_is_kept_aside_and_the_stage_goes_on(tmp_path, monkeypatch):
+    """The INT8 OpenVINO IR fails its gate (the test makes the gate refuse it; an untrained model's IR
+    would pass): it is not shipped, ``rejected/`` keeps both its files with the gate's record, and the
+    export stage succeeds with the FP32 IR shipped."""
+    from compress import stages
+    from compress.logs import run_log
+    from compress.pipeline import run_stage
+
+    ctx = done_stages(tmp_path, {"stages": ["teacher", "distill", "quantize", "export"],
+                                 "quantize": {"epochs": 0, "calibration_images": 32},
+                                 "export": {"edge_formats": ["openvino"], "ptq_baseline": False,
+                                            "float64_factor": None}},
+                      {"teacher": "mobilenetv3_small_050", "distill": "mobilenetv3_small_050"})
+    ctx.results["quantize"] = run_stage(ctx, stages.get("quantize"))
+    real = E.openvino_parity
+    gated = []
+
+    def refusing_int8(xml, onnx_path, ds, limit, logits, *, accuracy_gate=False):
+        p = real(xml, onnx_path, ds, limit, logits, accuracy_gate=accuracy_gate)
+        gated.append((xml.name, accuracy_gate))
+        if accuracy_gate:  # the INT8 IR
+            p = {**p, "passed": False, "reason": f"OpenVINO parity failed for {xml.name}: refused by the test"}
+        return p
+
+    monkeypatch.setattr(E, "openvino_parity", refusing_int8)
+    log_file = ctx.run_dir / "run.log"
+    with run_log(log_file):
+        metrics = run_stage(ctx, stages.get("export")).metrics
+    assert sorted(gated) == [("model_fp32.xml", False), ("model_int8.xml", True)]
+    out, rejected = ctx.stage_dir("export"), ctx.run_dir / "rejected"
+    shipped = sorted(p.name for p in out.iterdir())
+    assert "model_fp32.xml" in shipped and "model_fp32.bin" in shipped and "model_int8.onnx" in shipped
+    assert not any(name.startswith("model_int8.") and name != "model_int8.onnx" for name in shipped), shipped
+    assert metrics["student"]["openvino"]["shipped"] is True
+    ir = metrics["student_int8"]["openvino"]
+    assert ir["shipped"] is False and ir["parity"]["passed"] is False
+    kept = sorted(p.name for p in rejected.iterdir()) if rejected.is_dir() else []
+    assert kept == ["model_int8.bin", "model_int8.xml", "model_int8.xml.json"]
+    record = json.loads((rejected / "model_int8.xml.json").read_text())
+    assert record["file"] == "model_int8.xml" and record["reason"] == ir["parity"]["reason"]
+    assert record["details"]["argmax_agreement"] == ir["parity"]["argmax_agreement"]
+    sizes = {p.suffix: p.stat().st_size for p in rejected.glob("model_int8.*") if p.suffix in (".xml", ".bin")}
+    assert sizes[".xml"] + sizes[".bin"] == ir["size_bytes"]  # the files measured, moved as they were
+    # what was kept aside is the IR that was measured: it still loads and runs
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(rejected / "model_int8.xml"), "CPU")
+    logits = compiled.create_infer_request().infer({0: np.zeros((1, 3, 16, 16), np.float32)})[compiled.outputs[0]]
+    assert logits.shape == (1, 10)
+    logged = log_file.read_text()
+    assert "WARNING compress.stages.export: [export] OpenVINO parity failed for model_int8.xml: refused by the test\n" \
+        in logged
+    assert f"model_int8.xml failed its check and is not shipped; kept in {rejected / 'model_int8.xml'}" in logged

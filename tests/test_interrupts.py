@@ -146,7 +146,7 @@ def reference(tmp_path_factory):
     first = (tmp / "art" / "tiny" / "run.log").read_text().split(" INFO ", 1)[0].split(" DEBUG ", 1)[0]
     writes_from = datetime.strptime(first, "%Y-%m-%d %H:%M:%S,%f").timestamp() - r.started
     return {"outcome": outcome(tmp / "art" / "tiny"), "seconds": seconds,
-            "writes_from": min(max(0.0, writes_from), seconds)}
+            "writes_from": min(max(0.0, writes_from), seconds), "recipe": recipe, "art": tmp / "art"}
 
 
 def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(reference, tmp_path):
@@ -185,6 +185,35 @@ def test_ctrl_c_ends_with_one_line_and_the_same_command_resumes(reference, tmp_p
         assert "is damaged (model.safetensors was altered" in damaged[1] and damaged[1].endswith("; training it again")
     assert "resuming after epoch 1/2" in err
     assert outcome(run_dir) == reference["outcome"]
+
+
+def test_force_reruns_every_stage_to_the_same_files_and_leaves_nothing_behind(reference, tmp_path):
+    """``--force`` on a finished run: every stage runs again, the teacher trained rather than taken from
+    the cache and the student from its first epoch though a checkpoint of an earlier try lies where
+    the stage keeps its work; the fingerprints, results and files are the first run's, and no work,
+    temporary or replaced folder is left."""
+    art = tmp_path / "art"
+    shutil.copytree(reference["art"], art, symlinks=True)
+    run_dir = art / "tiny"
+    records = {s: json.loads((run_dir / s / "stage.json").read_text()) for s in STAGES}
+    stale = run_dir / ".work" / f"distill-{records['distill']['fingerprint'][:16]}"
+    stale.mkdir(parents=True)
+    (stale / "last.pt").write_bytes(b"an earlier try's checkpoint")
+    rc, err = run(reference["recipe"], art, "--force", log=tmp_path / "stderr")
+    assert rc == 0, err
+    for s in STAGES:
+        assert f"[{s}] running" in err and f"[{s}] done in " in err, s
+    assert "unchanged, skipped" not in err and "reusing cached" not in err, err
+    assert "teacher mobilenetv3_small_050 epoch 1/1" in err
+    assert "last.pt" not in err and "resuming" not in err, err  # the stale checkpoint was never read
+    assert outcome(run_dir) == reference["outcome"]
+    for s in STAGES:  # the same files, byte for byte, but for the stage's timings
+        again = json.loads((run_dir / s / "stage.json").read_text())["files"]
+        assert {f: h for f, h in again.items() if f != "metrics.json"} == \
+            {f: h for f, h in records[s]["files"].items() if f != "metrics.json"}, s
+    left = [p for p in art.rglob("*") if p.name.startswith(".tmp") or p.name.endswith((".old", ".tmp"))]
+    assert not left, left
+    assert not (run_dir / ".work").exists() or not any((run_dir / ".work").iterdir())
 
 
 def test_killed_at_random_points_reruns_to_the_uninterrupted_result(reference, tmp_path):

@@ -8,7 +8,7 @@ from compress.errors import ConfigError
 from compress.metrics import count_macs, count_params
 from compress.models import apply_architecture, architecture, create_model, load_checkpoint, save_checkpoint
 from compress.prune import build_pruners, plan, prune_to
-from conftest import EDGE_MODELS
+from conftest import EDGE_MODELS, done_stages
 
 
 def _pruned(name, target=0.5, importance="l2", size=32):
@@ -80,3 +80,37 @@ def test_prune_config_needs_exactly_one_target():
         validate_recipe({"name": "x", "prune": {"macs_target": 1.5}})
     cfg = validate_recipe({"name": "x", "prune": {"macs_target": None, "channel_ratio": 0.3}})
     assert cfg.prune.channel_ratio == 0.3
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_the_prune_stage_follows_the_channel_ratio_per_layer_or_over_the_network(global_pruning, tmp_path):
+    """``prune.channel_ratio`` in one step: each pruned layer keeps 1 - ratio of its channels, or with
+    ``global_pruning`` the network as a whole does while the layers' shares differ."""
+    import json
+
+    from compress import stages
+    from compress.pipeline import run_stage
+
+    ratio = 0.25
+    ctx = done_stages(tmp_path, {"stages": ["teacher", "distill", "prune"],
+                                 "prune": {"macs_target": None, "channel_ratio": ratio, "round_to": None,
+                                           "global_pruning": global_pruning, "iterative_steps": 1, "epochs": 0,
+                                           "final_epochs": 0}},
+                      {"teacher": "mobilenetv3_small_050", "distill": "mobilenetv2_035"})
+    metrics = run_stage(ctx, stages.get("prune")).metrics
+    assert metrics["target"] == {"channel_ratio": ratio}
+    before = architecture(create_model("mobilenetv2_035", 10))
+    after = json.loads((ctx.stage_dir("prune") / "model.json").read_text())["arch"]
+    convs = [n for n, spec in before.items() if "groups" in spec]
+    pruned = [n for n in convs if after[n]["out"] != before[n]["out"]]
+    assert len(pruned) > len(convs) / 2
+    kept = {n: after[n]["out"] / before[n]["out"] for n in pruned}
+    total = sum(after[n]["out"] for n in pruned) / sum(before[n]["out"] for n in pruned)
+    if global_pruning:
+        assert max(kept.values()) - min(kept.values()) > 0.1, kept
+        assert total == pytest.approx(1 - ratio, abs=0.05)
+    else:
+        assert all(abs(after[n]["out"] - (1 - ratio) * before[n]["out"]) < 1 for n in pruned), kept
+    # the stored architecture is the model's: the checkpoint reloads at that size
+    model, _ = load_checkpoint(ctx.stage_dir("prune") / "model.safetensors")
+    assert architecture(model) == after and count_params(model) == metrics["params"]

@@ -1,12 +1,14 @@
 """QAT: the fake-quant model, its int8 ONNX export, and what onnxruntime makes of it."""
 
 import numpy as np
+import pytest
 import torch
 
 from compress.export import export_onnx
 from compress.models import create_model
 from compress.qat import (ActFakeQuant, QConvBn2d, calibrate, enable_fake_quant, export_qdq, kernel_report, prepare_qat,
                           ptq_static, qat_schedule, set_observers)
+from conftest import done_stages
 
 
 def _convs(model):
@@ -180,3 +182,31 @@ def test_max_pooling_runs_on_uint8_only_on_one_grid(tmp_path):
     qat_schedule(gm, 10**9, 0, 0)
     export_qdq(gm.eval(), tmp_path / "int8.onnx", 16)
     assert not float_ops_between_int8(tmp_path / "int8.onnx")
+
+
+@pytest.mark.parametrize("float_stem", [True, False])
+def test_the_float_stem_setting_reaches_the_checkpoint_and_its_reload(float_stem, tmp_path):
+    """MobileNetV3's stem ends in a hard-swish, which an int8 convolution cannot fold: with
+    ``quantize.float_stem`` the stage keeps that convolution float, without it quantizes it, and the
+    checkpoint reloads in the form it was saved in."""
+    from compress import stages
+    from compress.fsio import read_json
+    from compress.pipeline import run_stage
+    from compress.qat import load_qat_checkpoint, qat_summary
+
+    ctx = done_stages(tmp_path, {"stages": ["teacher", "distill", "quantize"],
+                                 "quantize": {"epochs": 0, "calibration_images": 32, "float_stem": float_stem}},
+                      {"teacher": "mobilenetv3_small_050", "distill": "mobilenetv3_small_050"})
+    metrics = run_stage(ctx, stages.get("quantize")).metrics
+    path = ctx.stage_dir("quantize") / "model.safetensors"
+    assert metrics["graph"]["float_convolutions"] == int(float_stem)
+    assert read_json(path.with_suffix(".json"))["float_stem"] is float_stem
+    gm, meta = load_qat_checkpoint(path)
+    assert meta["float_stem"] is float_stem and qat_summary(gm)["float_convolutions"] == int(float_stem)
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    (reader,) = image.users  # a float stem reads the image itself; an int8 one reads it through a quantizer
+    stem = gm.get_submodule(reader.target)
+    assert isinstance(stem, QConvBn2d) is float_stem
+    if float_stem:
+        assert stem.keep_float
+    assert metrics["graph"] == qat_summary(gm)

@@ -109,6 +109,44 @@ def test_quantize_writes_an_int8_file_onnxruntime_runs_in_int8(full_run):
     assert json.loads(again.stdout)["files"][0]["accuracy"] == pytest.approx(export["student_int8"]["onnx_accuracy"], abs=1e-9)
 
 
+def test_bench_measures_each_file_at_every_size_on_a_copy_of_that_size(full_run, tmp_path, monkeypatch):
+    """``bench.image_sizes`` left unset: the training size (16) and 224. Every shipped file, the int8
+    files included, is measured at both; at 224 on a copy rebuilt at 224 (a file's spatial size is
+    fixed), and its MACs are counted at 224."""
+    from pathlib import Path
+
+    from compress.bench import input_spec
+    from compress.config import load_recipe
+    from compress.context import RunContext, StageResult
+    from compress.fsio import read_json
+    from compress.stages import bench as stage
+
+    cfg = load_recipe(full_run["tmp"] / "full.yaml", ["bench.image_sizes=null", "bench.runs=2", "bench.warmup=0"])
+    assert cfg.bench.image_sizes is None
+    ctx = RunContext(cfg=cfg, run_dir=full_run["run"], cache_dir=tmp_path / "cache")
+    for name in cfg.stages[:-1]:
+        ctx.results[name] = StageResult(name, ctx.stage_dir(name), "", read_json(ctx.stage_dir(name) / "metrics.json"))
+    measured, real = [], stage.latency
+
+    def recording(path, image_size=None, **kw):
+        dims = input_spec(path)[1]
+        measured.append((Path(path).name, image_size))
+        assert dims[1:] == [3, image_size, image_size], (Path(path).name, image_size, dims)
+        return real(path, image_size, **kw)
+
+    monkeypatch.setattr(stage, "latency", recording)
+    rows = stage.run(ctx, tmp_path / "out", tmp_path / "work")["models"]
+    shipped = {role: e["file"] for role, e in read_json(full_run["run"] / "export" / "metrics.json").items()
+               if isinstance(e, dict) and "file" in e}
+    assert set(rows) == set(shipped) and len(shipped) == 5
+    assert sorted(measured) == sorted([(f, 16) for f in shipped.values()]
+                                      + [(f"{role}_224.onnx", 224) for role in shipped])
+    for role, row in rows.items():
+        assert [lat["image_size"] for lat in row["latency"]] == [16, 224], role
+        assert all(lat["p50_ms"] > 0 for lat in row["latency"]), role
+        assert set(row["macs"]) == {"16", "224"} and row["macs"]["224"] > row["macs"]["16"], role
+
+
 def test_report_rows_follow_the_artifact_table(full_run):
     summary = json.loads((full_run["run"] / "summary.json").read_text())
     rows = {r["role"]: r for r in summary["table"]}
@@ -160,6 +198,27 @@ def test_preflight_refuses_weights_that_do_not_fit_before_anything_is_written(tm
                            "distill": {"student": "mobilenetv2_035", "pretrained": str(weights)}})
     with pytest.raises(CompressError, match="do not fit mobilenetv2_035"):
         run_pipeline(cfg, artifacts=tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_student_qat_cannot_rewrite_is_refused_before_anything_is_written(tmp_path):
+    """RepVGG's identity branches are BatchNorms on their own, which QAT cannot fold into a
+    convolution: the quantize stage's probe refuses the student in one line that names the stage to
+    leave out, before any stage runs."""
+    from compress.config import validate_recipe
+    from compress.errors import CompressError
+    from compress.pipeline import run_pipeline
+
+    cfg = validate_recipe({"name": "x", "stages": ["teacher", "distill", "quantize", "export", "bench"],
+                           "data": {"image_size": 16}, "teacher": {"model": "mobilenetv3_small_050", "epochs": 0},
+                           "distill": {"student": "repvgg_a0", "epochs": 0}, "quantize": {"epochs": 0}})
+    with pytest.raises(CompressError) as refused:
+        run_pipeline(cfg, artifacts=tmp_path / "art")
+    line = str(refused.value)
+    assert "\n" not in line
+    assert line.startswith("student repvgg_a0 cannot be quantized (QAT: BatchNorm not after a convolution "
+                           "cannot be folded: stages.0.1.identity"), line
+    assert line.endswith("; remove 'quantize' from stages (--set 'stages=[teacher,distill,export,bench]')"), line
     assert not (tmp_path / "art").exists()
 
 

@@ -223,3 +223,37 @@ def test_validation_every_n_epochs_and_after_the_last_resumes_the_same(few, tmp_
     asked, _ = resolve_schedule(TrainConfig(steps=150, epochs=4, val_every=1), train_images=200, batch_size=64)
     assert validation_interval(asked) == 1
     assert "val_every" not in TrainConfig().model_dump()  # unset leaves stored fingerprints as they were
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another model", "no optimizer state"])
+def test_a_checkpoint_that_cannot_be_resumed_from_is_named_and_training_starts_over(few, tmp_path, caplog, damage):
+    """``last.pt`` cut short (a disk that filled, a copy that stopped), holding another model's weights,
+    or weights that fit without the rest of the training state: one warning line names it, and the
+    training runs from its first epoch and its own initial weights to the result of a run that found
+    no checkpoint."""
+    import logging
+
+    from compress.train import CHECKPOINT
+
+    cfg = TrainConfig(epochs=2, lr=0.1, warmup_epochs=0)
+    straight, r1 = _fit_small(few, tmp_path / "straight", cfg)
+    work = tmp_path / "damaged"
+    work.mkdir()
+    if damage == "truncated":
+        whole = (tmp_path / "straight" / CHECKPOINT).read_bytes()
+        (work / CHECKPOINT).write_bytes(whole[: len(whole) // 2])
+    else:
+        torch.manual_seed(7)
+        other = small_cnn(5 if damage == "another model" else 10)
+        torch.save({"model": other.state_dict(), "epoch": 1, "history": [], "optimizer": {}}, work / CHECKPOINT)
+    with caplog.at_level(logging.INFO, logger="compress.train"):
+        model, r2 = _fit_small(few, work, cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "\n" not in warned[0], warned
+    assert warned[0].startswith(f"train: checkpoint {work / CHECKPOINT} cannot be resumed from (")
+    assert warned[0].endswith("); starting over")
+    assert not any("resuming" in r.getMessage() for r in caplog.records)
+    assert r2.resumed_from_epoch == 0 and r2.history == r1.history
+    for (k, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.load(work / CHECKPOINT, weights_only=True)["epoch"] == 2  # the new run's own checkpoint

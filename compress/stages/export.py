@@ -12,7 +12,8 @@ PyTorch model (max |Δlogit| and argmax agreement on the whole test split), INT8
 fake-quant model, ORT format against its ONNX file (bitwise identical), OpenVINO IR against its ONNX
 file (argmax agreement); the kernels onnxruntime runs for the int8 files (every convolution must be
 an int8 kernel); and onnxruntime's mobile usability verdict (NNAPI, CoreML) per student file. A
-failed check stops the stage and leaves its message, with the numbers, in ``run.log``."""
+failed check stops the stage and leaves its message, with the numbers, in ``run.log``; an OpenVINO IR
+that fails its gate alone is not shipped (``<run>/rejected/`` keeps it) and the stage goes on."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from compress import edge_formats as E
 from compress import qat
 from compress.context import RunContext
 from compress.data import calibration_array
-from compress.errors import CompressError
+from compress.errors import CheckFailed, CompressError
 from compress.evaluate import onnx_accuracy, ort_predict, ort_session
 from compress.export import export_onnx, parity, update_metadata
 from compress.fsio import write_json
@@ -133,11 +134,12 @@ def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Pa
         p = E.openvino_parity(out / ir["xml"], onnx[a.role], test, limit, logits[a.role],
                               accuracy_gate=a.precision != "fp32")
         if not p["passed"]:
-            # OpenVINO computes int8 with its own kernels: an IR that disagrees is dropped, the rest ships
+            # OpenVINO computes int8 with its own kernels: an IR that disagrees is set aside, the rest ships
+            log.warning(f"[export] {p['reason']}")
+            set_aside(ctx, out / ir["xml"], CheckFailed(p["reason"], details=p), also=(out / ir["bin"],))
             for name in (ir["xml"], ir["bin"]):
-                (out / name).unlink(missing_ok=True)
+                (out / name).unlink()
             result[a.role]["openvino"] = {**ir, "shipped": False, "parity": p}
-            log.warning(f"[export] {p['reason']}: the IR is not shipped")
             continue
         result[a.role]["openvino"] = {**ir, "shipped": True, "parity": p}
         acc = p.get("accuracy_check")
@@ -150,13 +152,15 @@ def edge_files(ctx: RunContext, artifacts: list[A.Artifact], out: Path, work: Pa
 REJECTED = "rejected"
 
 
-def set_aside(ctx: RunContext, path: Path, error: CompressError) -> Path:
-    """Keep a file that failed its gate in ``<run>/rejected/`` (not shipped, not deleted), beside a JSON
-    record of why, with the check's numbers; returns where it went."""
+def set_aside(ctx: RunContext, path: Path, error: CompressError, also: tuple[Path, ...] = ()) -> Path:
+    """Keep a file that failed its gate, with the files it needs (``also``: an OpenVINO IR's ``.bin``),
+    in ``<run>/rejected/`` (not shipped, not deleted) beside a JSON record of why, with the check's
+    numbers; returns where it went."""
     folder = ctx.run_dir / REJECTED
     folder.mkdir(parents=True, exist_ok=True)
     kept = folder / path.name
-    shutil.copyfile(path, kept)
+    for f in (*also, path):
+        shutil.copyfile(f, folder / f.name)
     write_json(folder / f"{path.name}.json", {"file": path.name, "reason": str(error),
                                               "details": getattr(error, "details", {})})
     log.warning(f"[export] {path.name} failed its check and is not shipped; kept in {kept} with the numbers")
