@@ -161,6 +161,13 @@ def check_processes(cfg: PipelineConfig, processes: int) -> None:
     """Refuse a recipe that cannot run under ``processes`` torchrun processes, before any of them
     starts a stage: every training stage splits ``data.batch_size`` evenly over the processes."""
     trains = [s for s in cfg.stages if NODES[s].trains]
+    if processes > 1 and trains and cfg.compute.sync_bn is True:
+        from compress.train import pick_device
+
+        on_cpu = [s for s in trains if pick_device(cfg.training_section(s).device).type != "cuda"]
+        if on_cpu:
+            raise CompressError(f"compute.sync_bn: torch runs SyncBatchNorm on CUDA only, and stages "
+                                f"{', '.join(on_cpu)} train on the CPU here; set it to auto or false")
     if processes > 1 and trains and cfg.data.batch_size % processes:
         raise CompressError(f"data.batch_size {cfg.data.batch_size} does not split evenly over {processes} "
                             f"processes (stages {', '.join(trains)} train on it); use a multiple of {processes} "
