@@ -210,3 +210,64 @@ def test_the_float_stem_setting_reaches_the_checkpoint_and_its_reload(float_stem
     if float_stem:
         assert stem.keep_float
     assert metrics["graph"] == qat_summary(gm)
+
+
+def _weight_on_a_rounding_edge(levels: float) -> tuple[float, float]:
+    """(largest weight, a weight w) of one output channel such that float32 w / scale and w · (1/scale)
+    round to different integers: the case where two ways of computing the int8 weight disagree."""
+    import numpy as np
+
+    top = np.float32(1.0)
+    scale = torch.tensor([top]) / levels  # weight_scale's arithmetic
+    for k in range(1, int(levels) - 1):
+        centre = np.float32((k + 0.5) * float(scale))
+        for step in range(-40, 41):
+            w = np.float32(centre + step * np.spacing(centre))
+            t = torch.tensor([[w]])
+            by_division = torch.round(t / scale.reshape(-1, 1))
+            by_fake_quant = torch.round(torch.fake_quantize_per_channel_affine(
+                t, scale, torch.zeros(1, dtype=torch.int32), 0, -128, 127) / scale.reshape(-1, 1))
+            if by_division.item() != by_fake_quant.item():
+                return float(top), float(w)
+    raise AssertionError("no weight on a rounding edge found")
+
+
+def test_the_twin_computes_with_the_integers_the_int8_file_holds(tmp_path):
+    """A weight whose quotient by its scale lies a hair from k + ½: the fake-quant model's convolution
+    uses the int8 value the file stores, so its logits are onnxruntime's (the last layer is float)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.qat import calibrate, export_qdq, host_weight_bits, prepare_qat, qat_schedule
+
+    bits = host_weight_bits()
+    top, edge = _weight_on_a_rounding_edge(127.0 if bits == 8 else 63.0)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = torch.nn.ReLU()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.conv.weight.uniform_(-0.5, 0.5)
+        model.conv.weight[:, 0, 0, 0] = top
+        model.conv.weight[:, 1, 1, 1] = edge  # every channel: the same edge case, in the centre tap
+    gm = prepare_qat(model, torch.zeros(1, 3, 8, 8), float_stem=False, weight_bits=bits)
+    x = torch.rand(64, 3, 8, 8)
+    calibrate(gm, x.split(16))
+    qat_schedule(gm, 10**9, 0, 0)
+    gm.eval()
+    path = tmp_path / "tiny_int8.onnx"
+    export_qdq(gm, path, 8)
+    with torch.no_grad():
+        ref = gm(x).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)

@@ -46,6 +46,14 @@ def fake_quant_weight(w: torch.Tensor, levels: float = W_LEVELS) -> torch.Tensor
     return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, W_QMIN, W_QMAX)
 
 
+def weight_codes(w: torch.Tensor, levels: float = W_LEVELS) -> torch.Tensor:
+    """The int8 weights the ONNX file stores, as float integers: those of :func:`fake_quant_weight`,
+    which rounds w · (1/scale). Rounding w / scale instead lands on the other side of a half for about
+    one weight in two million (a float32 quotient a hair from k + ½) and shifts that channel's output."""
+    scale = weight_scale(w, levels).double().reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.round(fake_quant_weight(w.detach(), levels).double() / scale)
+
+
 def fake_quant_onnx(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     """uint8 fake quantization with onnxruntime's QuantizeLinear arithmetic (x / scale in float32, round
     half to even, then the zero point added as an integer) rather than torch's x · (1/scale) + zp, so

@@ -11,7 +11,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.qat.fakequant import (A_QMAX, A_QMIN, W_LEVELS, W_QMAX, W_QMIN, ActFakeQuant, QATModule, bias_int32, fake_quant_bias,
-                                    fake_quant_weight, quantize_reinterpret, weight_scale)
+                                    fake_quant_weight, quantize_reinterpret, weight_scale, weight_codes)
 
 
 class QConvBn2d(QATModule):
@@ -115,7 +115,7 @@ def requantized_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, input_fq
     s_y, z_y = output_fq.qparams()
     s_w = weight_scale(w, levels)
     sx32, sy32 = _f(s_x), _f(s_y)
-    w_int = torch.clamp(torch.round(w.detach() / s_w.reshape(-1, *([1] * (w.dim() - 1)))), W_QMIN, W_QMAX)
+    w_int = weight_codes(w, levels)
     x_int = torch.round(x / sx32)  # x is on its grid: (q - z_x)·s_x
     acc = conv(x_int.double(), w_int.double(), None)  # exact: integers far below 2^53
     per_channel = (1, -1, *([1] * (acc.dim() - 2)))
