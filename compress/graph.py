@@ -27,7 +27,7 @@ GRAPH: tuple[StageNode, ...] = (
     StageNode("assistant", needs=("teacher",), reads=("teacher",), default=False, trains=True),
     StageNode("distill", needs=("teacher",), reads=("teacher", "assistant"), trains=True),
     StageNode("prune", needs=("distill",), reads=("teacher", "distill"), trains=True),
-    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=7, trains=True),
+    StageNode("quantize", needs=("distill",), reads=("teacher", "distill", "prune"), version=8, trains=True),
     StageNode("export", needs=("distill",), reads=("teacher", "distill", "prune", "quantize"), version=9),
     StageNode("bench", needs=("export",), reads=("export",), version=6),
 )
