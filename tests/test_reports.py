@@ -238,9 +238,17 @@ def test_headline_warns_when_the_int8_file_is_slower_than_fp32():
     assert "(-3.0 points)" in slow[0]
     assert slow[1].startswith("Against the teacher: 6.4× faster (p50 1.250 ms against 8.000 ms") and "20.0× smaller" in slow[1]
     assert slow[2] == ("Warning: on this machine the INT8 file is slower than the FP32 student it was made from "
-                       "(1.250 ms against 1.000 ms, 1.25×, 1 thread): for speed ship model_fp32.onnx, accuracy 0.8800; "
-                       "the INT8 file buys size only (2.00 MB against 8.00 MB).")
+                       "(32×32, 1 thread: 1.250 ms against 1.000 ms, 1.25×): where that setting is the one that "
+                       "matters, ship model_fp32.onnx (accuracy 0.8800) for speed; the INT8 file buys size "
+                       "(2.00 MB against 8.00 MB).")
     fast = headline(ctx, [teacher, fp32, _row("student_int8", 0.5, 0.87, 2_000_000)])
     assert len(fast) == 2 and not any(line.startswith("Warning") for line in fast)
+    # faster at the training size, slower at another measured size: the warning names that setting
+    big = {"image_size": 224, "threads_setting": "1 thread", "mean_ms": 0, "p99_ms": 0}
+    mixed = [teacher, {**fp32, "latency": _lat(1.0) + [{**big, "p50_ms": 4.0}]},
+             {**_row("student_int8", 0.5, 0.87, 2_000_000), "latency": _lat(0.5) + [{**big, "p50_ms": 6.0}]}]
+    assert headline(ctx, mixed)[2].startswith("Warning: on this machine the INT8 file is slower than the FP32 "
+                                              "student it was made from (224×224, 1 thread: 6.000 ms against "
+                                              "4.000 ms, 1.50×)")
     # a student slower than its teacher is said so, not "0.5× faster"
     assert "2.0× slower" in headline(ctx, [_row("teacher", 1.0, 0.9, 4), _row("student", 2.0, 0.8, 2)])[1]
