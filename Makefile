@@ -21,10 +21,17 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 venv: $(STAMP)
 
+# Before anything runs, a bad MODEL, NPROC or recipe is one line from make (exit code 2): the recipe is
+# checked for NPROC processes before torchrun starts its workers (whose failures would print pages).
+pipeline_check = $(strip \
+  $(if $(wildcard pipelines/$(MODEL).yaml),,no recipe pipelines/$(MODEL).yaml; recipes: $(basename $(notdir $(wildcard pipelines/*.yaml)))) \
+  $(if $(shell case "$(NPROC)" in (''|*[!0-9]*|0) echo bad;; esac),NPROC must be a whole number of processes$(comma) 1 or more (got '$(NPROC)')))
+comma := ,
+nproc_check = $(shell out=$$($(VENV)/bin/compress -q pipeline pipelines/$(MODEL).yaml $(ARGS) --check --processes $(NPROC) 2>&1 >/dev/null) || printf '%s' "$$out" | tail -n 1)
+
 pipeline: $(STAMP)
-	@test -f pipelines/$(MODEL).yaml || { echo "no recipe pipelines/$(MODEL).yaml; recipes: $$(ls pipelines | sed 's/\.yaml//' | tr '\n' ' ')" >&2; exit 2; }
-	@case "$(NPROC)" in ''|*[!0-9]*|0) echo "NPROC must be a whole number of processes, 1 or more (got '$(NPROC)')" >&2; exit 2;; esac
-	$(if $(filter-out 1,$(NPROC)),@$(VENV)/bin/compress -q pipeline pipelines/$(MODEL).yaml $(ARGS) --check --processes $(NPROC) >/dev/null)
+	$(if $(pipeline_check),$(error $(pipeline_check)))
+	$(if $(filter-out 1,$(NPROC)),$(if $(nproc_check),$(error $(nproc_check))))
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m compress,$(VENV)/bin/compress) pipeline pipelines/$(MODEL).yaml $(ARGS)
 
 compare: $(STAMP)

@@ -120,18 +120,22 @@ def test_only_the_pipeline_runs_under_torchrun(tmp_path):
 
 
 def test_make_checks_the_recipe_for_its_processes_before_torchrun(tmp_path):
-    """``make pipeline NPROC=3`` with a batch of 64: the CLI's one line and make's own, no worker
+    """``make pipeline NPROC=3`` with a batch of 64, a recipe that does not exist and an NPROC that is
+    not a number: one line from make each (the CLI's own words for the recipe), exit code 2, no worker
     started (torchrun's elastic agent would print its tracebacks), nothing written."""
     venv = Path(sys.executable).parent.parent
     art = tmp_path / "art"
-    r = subprocess.run(["make", "-s", "-o", f"{venv}/.installed", "pipeline", "MODEL=smoke", "NPROC=3", f"VENV={venv}",
-                        f"ARGS=--artifacts {art}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.splitlines()
-    assert lines[0] == ("compress: error: data.batch_size 64 does not split evenly over 3 processes (stages teacher, "
-                        "distill, prune, quantize train on it); use a multiple of 3 (--set data.batch_size=63) or "
-                        "another number of processes"), r.stderr
-    assert len(lines) == 2 and lines[1].startswith("make: ***"), r.stderr
+    cases = {("MODEL=smoke", "NPROC=3"): "compress: error: data.batch_size 64 does not split evenly over 3 processes "
+                                         "(stages teacher, distill, prune, quantize train on it); use a multiple of 3 "
+                                         "(--set data.batch_size=63) or another number of processes.  Stop.",
+             ("MODEL=nope",): "no recipe pipelines/nope.yaml; recipes: ",
+             ("MODEL=smoke", "NPROC=two"): "NPROC must be a whole number of processes, 1 or more (got 'two').  Stop."}
+    for args, expected in cases.items():
+        r = subprocess.run(["make", "-s", "-o", f"{venv}/.installed", "pipeline", *args, f"VENV={venv}",
+                            f"ARGS=--artifacts {art}"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stderr)
+        (line,) = r.stderr.splitlines()
+        assert line.startswith("Makefile:") and " *** " in line and expected in line, (args, line)
     assert not art.exists()
 
 
