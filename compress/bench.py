@@ -60,6 +60,12 @@ def input_spec(path: Path) -> tuple[str, list]:
     return inp.name, dims
 
 
+def require_images(path: Path, dims: list) -> None:
+    """Refuse a file whose input is not a batch of images (N×C×H×W)."""
+    if len(dims) != 4:
+        raise CompressError(f"{Path(path).name} takes a {len(dims)}-D input; latency is measured on N×C×H×W images")
+
+
 def _status_kb(field: str) -> int:
     try:
         with open("/proc/self/status") as f:
@@ -78,8 +84,7 @@ def _input(path: Path, batch: int, size: int | None) -> tuple[str, np.ndarray]:
         name, dims = input_spec(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
         raise CompressError(f"{path.name} is not a readable ONNX file ({short(e, 200)})") from None
-    if len(dims) != 4:
-        raise CompressError(f"{path.name} takes a {len(dims)}-D input; latency is measured on N×C×H×W images")
+    require_images(path, dims)
     n, c, h, w = dims
     size = size or w or h
     if size is None:

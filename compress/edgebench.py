@@ -71,8 +71,7 @@ def bench_files(files: list[Path], runtimes: list[str], threads: list[int], batc
         except Exception as e:  # noqa: BLE001
             why = "its bytes are not an ONNX model" if type(e).__name__ == "DecodeError" else type(e).__name__
             raise CompressError(f"{f} is not a readable ONNX file ({why})") from None
-        if len(dims) != 4:
-            raise CompressError(f"{f} takes a {len(dims)}-D input; latency is measured on N×C×H×W images")
+        bench.require_images(f, dims)
         label = labels[i] if labels else f.stem
         result["files"].append({"file": str(f), "label": label, "size_bytes": f.stat().st_size, "input": dims})
         file_sizes = sizes or [dims[-1] or 224]

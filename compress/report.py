@@ -119,6 +119,11 @@ def data_notes(d: dict) -> list[str]:
 DELIVERABLE_ORDER = ("student_int8", "student_pruned", "student")
 
 
+def _latency_at(row: dict, size: int, setting: str) -> dict | None:
+    """The row's latency measured at ``size`` with ``setting`` threads, if it was."""
+    return next((x for x in row["latency"] if (x["image_size"], x["threads_setting"]) == (size, setting)), None)
+
+
 def _main_latency(ctx: RunContext, row: dict) -> dict | None:
     """The row's latency at the bench's main setting: the data's input size, the first thread count."""
     lats = [x for x in row["latency"] if x["image_size"] == ctx.data.image_size] or row["latency"]
@@ -160,8 +165,7 @@ def headline(ctx: RunContext, rows: list[dict], code=lambda t: t) -> list[str]:
         fp32 = by_role.get(source.role)
         slower = []
         for lat in ship["latency"] if fp32 else []:
-            other = next((x for x in fp32["latency"] if (x["image_size"], x["threads_setting"]) ==
-                          (lat["image_size"], lat["threads_setting"])), None)
+            other = _latency_at(fp32, lat["image_size"], lat["threads_setting"])
             if other and other["p50_ms"] < lat["p50_ms"]:
                 slower.append(f"{lat['image_size']}×{lat['image_size']}, {lat['threads_setting']}: "
                               f"{lat['p50_ms']:.3f} ms against {other['p50_ms']:.3f} ms, "
@@ -196,7 +200,7 @@ def main_table(ctx: RunContext, rows: list[dict], code=lambda t: t) -> tuple[lis
     for size, setting in settings:
         cells = []
         for r in rows:
-            lat = next((x for x in r["latency"] if (x["image_size"], x["threads_setting"]) == (size, setting)), None)
+            lat = _latency_at(r, size, setting)
             cells.append("n/a" if lat is None else f"{lat['mean_ms']:.3f} / {lat['p50_ms']:.3f} / {lat['p99_ms']:.3f}")
         table.append((f"latency ms mean/p50/p99, {size}×{size}, batch 1, {setting}", cells))
     table += [
